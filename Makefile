@@ -1,0 +1,35 @@
+# Two commands matter: `make demo` and `make test`. Both start with `make setup`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; on a machine with a GPU use e.g. `make setup TORCH=torch`.
+TORCH  ?= torch==2.13.0
+MODEL  ?= runs/guppy
+
+.PHONY: setup demo train chat test bench web clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[space,export,test]"
+	touch $@
+
+$(MODEL)/model.safetensors: | setup
+	$(BIN)/guppylm train --output-dir $(MODEL)
+
+train: $(MODEL)/model.safetensors
+
+demo: train
+	GUPPYLM_MODEL=$(MODEL) GRADIO_SERVER_NAME=127.0.0.1 $(BIN)/python space/app.py
+
+chat: train
+	$(BIN)/guppylm chat --model $(MODEL)
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs artifacts .pytest_cache

@@ -1,0 +1,139 @@
+"""`guppylm` command line: parses arguments and calls one library function per subcommand.
+
+Each handler imports its stage lazily so `guppylm --help` stays fast.
+Errors become one line on stderr and exit code 1 (set GUPPYLM_DEBUG=1 for the traceback).
+"""
+
+import argparse
+import os
+import sys
+
+
+# --- dataset and persona (dataset_builder) -----------------------------------------------------
+
+
+def _dataset_build(args):
+    from dataset_builder import build_and_save
+
+    build_and_save(args.output_dir, persona=args.persona, num_samples=args.num_samples, test_size=args.test_size, seed=args.seed)
+
+
+def _dataset_push(args):
+    from guppylm.hub import push_dataset
+
+    push_dataset(args.dataset, args.repo_id, private=args.private, token=args.token, revision=args.revision)
+
+
+def _persona_list(args):
+    from dataset_builder import list_personas
+
+    for name, description in list_personas().items():
+        print(f"{name:12s} {description}")
+
+
+def _persona_new(args):
+    from dataset_builder import scaffold_persona
+
+    path = scaffold_persona(args.name, args.output)
+    print(f"wrote {path}; edit it, then run: guppylm persona check {path}")
+
+
+def _persona_check(args):
+    from dataset_builder import check_persona
+
+    print(check_persona(args.pack))
+
+
+def add_dataset_commands(sub):
+    dataset = sub.add_parser("dataset", help="build or publish the synthetic conversation dataset").add_subparsers(
+        dest="action", required=True
+    )
+    build = dataset.add_parser("build", help="generate the dataset (parquet + dataset card)")
+    build.add_argument("--output-dir", required=True)
+    build.add_argument("--persona", default="guppy", help="a shipped pack name or a path to a pack file")
+    build.add_argument("--num-samples", type=int, default=None, help="total conversations (default: the pack's)")
+    build.add_argument("--test-size", type=int, default=None, help="held-out conversations (default: the pack's)")
+    build.add_argument("--seed", type=int, default=42)
+    build.set_defaults(func=_dataset_build)
+
+    push = dataset.add_parser("push", help="publish a built dataset to the Hub")
+    push.add_argument("--dataset", required=True, help="folder written by `guppylm dataset build`")
+    add_hub_arguments(push)
+    push.set_defaults(func=_dataset_push)
+
+    persona = sub.add_parser("persona", help="list, scaffold and check persona packs").add_subparsers(
+        dest="action", required=True
+    )
+    persona.add_parser("list", help="the packs shipped with guppylm").set_defaults(func=_persona_list)
+    new = persona.add_parser("new", help="write a pack file to edit")
+    new.add_argument("name")
+    new.add_argument("--output", default=None, help="file to write (default: NAME.yaml)")
+    new.set_defaults(func=_persona_new)
+    check = persona.add_parser("check", help="validate a pack and print its statistics")
+    check.add_argument("pack", help="a shipped pack name or a path to a pack file")
+    check.set_defaults(func=_persona_check)
+
+
+# --- hub ------------------------------------------------------------------------------------------
+
+
+def add_hub_arguments(parser):
+    parser.add_argument("--repo-id", required=True, help="NAMESPACE/NAME on the Hub")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
+
+
+def _push(args):
+    from guppylm.hub import push_model
+
+    push_model(args.model, args.repo_id, private=args.private, token=args.token, revision=args.revision)
+
+
+def _space_push(args):
+    from guppylm.hub import push_space
+
+    push_space(args.model, args.repo_id, private=args.private, token=args.token, revision=args.revision)
+
+
+def add_hub_commands(sub):
+    push = sub.add_parser("push", help="publish a trained model folder to the Hub")
+    push.add_argument("--model", required=True, help="folder written by `guppylm train`")
+    add_hub_arguments(push)
+    push.set_defaults(func=_push)
+
+    space = sub.add_parser("space", help="publish the Gradio Space").add_subparsers(dest="action", required=True)
+    space_push = space.add_parser("push", help="upload space/ as a Gradio Space that loads MODEL")
+    space_push.add_argument("--model", required=True, help="model repo id the Space loads")
+    add_hub_arguments(space_push)
+    space_push.set_defaults(func=_space_push)
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="guppylm", description="GuppyLM: a tiny language model that talks like a fish.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_dataset_commands(sub)
+    add_hub_commands(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # one line for the user; the traceback on request
+        if os.environ.get("GUPPYLM_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"guppylm: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

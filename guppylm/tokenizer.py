@@ -1,0 +1,85 @@
+"""The word-level tokenizer and the chat format, defined once.
+
+Text is NFKC-normalized, lowercased and whitespace-collapsed; each word (apostrophes kept inside, so "don't"
+and "i'm" stay whole) and each punctuation symbol is one token. Tokens carry a leading "▁" when a space
+preceded them, the way SentencePiece does it, so decoding restores the exact normalized text: "hi, i'm guppy."
+Anything outside the vocabulary (an unseen word, an emoji, another script) becomes <unk>; nothing is dropped.
+"""
+
+from collections.abc import Iterable
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD, UNK = "<pad>", "<unk>"
+IM_START = "<|im_start|>"  # opens a turn; the role name follows
+IM_END = "<|im_end|>"  # closes a turn; after Guppy's reply it is the end-of-sequence token
+SPECIAL_TOKENS = [PAD, UNK, IM_START, IM_END]  # ids 0..3, matching GuppyConfig's pad/bos/eos defaults
+ROLES = ["user", "assistant", "system"]
+
+# ChatML, single turn in practice. Every consumer - training, chat, the Space, the browser page - renders
+# conversations with this template and nothing else. "<" in message text is followed by a space, so a user
+# who types "<|im_end|>" gets plain symbols, never a turn marker.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] | replace('<', '< ') }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+WORD_OR_SYMBOL = r"▁?[\p{L}\p{N}]+(?:'[\p{L}\p{N}]+)*|▁?[^▁\p{L}\p{N}]"
+
+
+def _backend(vocab=None):
+    """The `tokenizers` pipeline; an empty WordLevel model until trained."""
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.Lowercase(),
+            normalizers.Replace("’", "'"),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+            # "hi ." and "hi." are the same text; keep one spelling so both map to the same tokens
+            *(normalizers.Replace(f" {p}", p) for p in ".,!?;:"),
+        ]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False),
+            pre_tokenizers.Split(Regex(WORD_OR_SYMBOL), behavior="isolated"),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return tokenizer
+
+
+def build_tokenizer(texts: Iterable[str], model_max_length: int = 128, min_frequency: int = 1) -> PreTrainedTokenizerFast:
+    """Train the word-level vocabulary on `texts` and wrap it as a transformers fast tokenizer."""
+    backend = _backend()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency, show_progress=False)
+    # role names are trained in explicitly: the chat template must never produce <unk> itself
+    backend.train_from_iterator([*ROLES, *texts], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=UNK,
+        pad_token=PAD,
+        bos_token=IM_START,
+        eos_token=IM_END,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=model_max_length,
+        padding_side="left",  # batched generation appends on the right, so prompts are padded on the left
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def conversation_texts(dataset) -> Iterable[str]:
+    """Every message text of a dataset with a `messages` column: the tokenizer's training corpus."""
+    for messages in dataset["messages"]:
+        for message in messages:
+            yield message["content"]
+
+
+def normalize(tokenizer: PreTrainedTokenizerFast, text: str) -> str:
+    """The text as the tokenizer sees it; `decode(encode(text))` gives this back when every word is known."""
+    return tokenizer.backend_tokenizer.normalizer.normalize_str(text)
