@@ -74,6 +74,64 @@ def add_dataset_commands(sub):
     check.set_defaults(func=_persona_check)
 
 
+# --- train, chat, eval ---------------------------------------------------------------------------
+
+
+def _train(args):
+    from guppylm.train import run_from_args
+
+    run_from_args(args)
+
+
+def _chat(args):
+    from guppylm.chat import chat
+
+    if sys.stdin is not None:
+        sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 from a pipe becomes U+FFFD, not a crash
+    chat(
+        model_name=args.model,
+        prompt=args.prompt,
+        seed=args.seed,
+        explain=args.explain,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def _eval(args):
+    from guppylm.evaluate import run_eval
+
+    run_eval(args.model, persona=args.persona, max_new_tokens=args.max_new_tokens)
+
+
+def add_model_commands(sub):
+    from guppylm.train import add_train_arguments  # argparse only; the heavy imports happen in the handler
+
+    add_train_arguments(sub.add_parser("train", help="train a model from scratch (dataset and tokenizer included)"))
+    sub.choices["train"].set_defaults(func=_train)
+
+    chat = sub.add_parser("chat", help="talk to a trained Guppy")
+    chat.add_argument("--model", default=None, help="model folder or Hub repo id (default: $GUPPYLM_MODEL or runs/guppy)")
+    chat.add_argument("--prompt", default=None, help="answer this one message and exit")
+    chat.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--explain", action="store_true", help="after each reply, show the top candidates per step")
+    chat.set_defaults(func=_chat)
+
+    evaluate = sub.add_parser("eval", help="score a model on its persona's held-out prompts")
+    evaluate.add_argument("--model", default=None, help="model folder or Hub repo id (default: $GUPPYLM_MODEL or runs/guppy)")
+    evaluate.add_argument("--persona", default=None, help="pack whose prompts to use (default: the model's)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48)
+    evaluate.set_defaults(func=_eval)
+
+
 # --- hub ------------------------------------------------------------------------------------------
 
 
@@ -116,23 +174,29 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="guppylm", description="GuppyLM: a tiny language model that talks like a fish.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_dataset_commands(sub)
+    add_model_commands(sub)
     add_hub_commands(sub)
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run(action):
+    """Call `action()`; any failure becomes one line on stderr and exit code 1 (GUPPYLM_DEBUG=1: the traceback)."""
     try:
-        args.func(args)
+        return action()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # one line for the user; the traceback on request
+    except Exception as error:
         if os.environ.get("GUPPYLM_DEBUG"):
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"guppylm: error: {message}", file=sys.stderr)
+        lines = str(error).strip().splitlines()
+        print(f"guppylm: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
         sys.exit(1)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def _make_handler(server):
         ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", rf"{api}/preupload/{rev}", "preupload"),
         ("POST", rf"{api}/commit/{rev}", "commit"),
-        ("POST", rf"{api}/branch/{rev}", "create_branch"),
+        ("POST", rf"{api}/branch/(?P<rev>.+)", "create_branch"),  # create_branch does not quote the name
         ("GET", rf"{api}(?:/revision/{rev})?", "repo_info"),
         ("GET", rf"{api}/tree/{rev}(?:/(?P<path>.+))?", "tree"),
         ("POST", rf"{api}/paths-info/{rev}", "paths_info"),
@@ -248,9 +248,14 @@ def _make_handler(server):
             self._send(200, {"type": "user", "name": server.user, "auth": {"accessToken": {"role": "write"}}})
 
         def validate_yaml(self, type):
-            content = self._json().get("content", "")
-            if not re.match(r"^---\n.*?\n---\n", content, re.DOTALL):
+            # the Hub checks the card metadata against each repo type's schema; this checks what a stdlib parser can
+            payload = self._json()
+            header = re.match(r"^---\n(.*?)\n---\n", payload.get("content", ""), re.DOTALL)
+            if header is None:
                 return self._send(400, "README.md must start with a YAML block between --- lines", content_type="text/plain")
+            sdk = re.search(r"^sdk:\s*(\S+)\s*$", header[1], re.MULTILINE)
+            if payload.get("repoType") == "space" and (sdk is None or sdk[1] not in SPACE_SDKS):
+                return self._send(400, f"\"sdk\" must be one of {sorted(SPACE_SDKS)}", content_type="text/plain")
             self._send(200, {})
 
         def repo_info(self, type, repo, rev="main"):

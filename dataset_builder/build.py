@@ -1,0 +1,175 @@
+"""Generate a persona's conversations, split them, and save them as parquet files plus a dataset card."""
+
+import random
+import re
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+from .persona import PersonaError, load_persona
+
+TEMPLATES = Path(__file__).parent / "templates"
+# Words (apostrophes kept inside) and single punctuation marks: a stand-in for the word-level tokenizer built later.
+_TOKEN = re.compile(r"[\w']+|[^\w\s]")
+
+
+def features(persona):
+    return Features(
+        {
+            "messages": List({"role": Value("string"), "content": Value("string")}),
+            "input": Value("string"),
+            "output": Value("string"),
+            "topic": ClassLabel(names=persona.topics),
+        }
+    )
+
+
+def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
+    """A DatasetDict of single-turn conversations, balanced over topics; no (input, output) pair is in both splits."""
+    persona = load_persona(persona)
+    num_samples = persona.num_samples if num_samples is None else num_samples
+    test_size = persona.test_size if test_size is None else test_size
+    if not 0 <= test_size < num_samples:
+        raise ValueError(f"need 0 <= test_size < num_samples, got test_size={test_size}, num_samples={num_samples}")
+    rng = random.Random(seed)
+    seen, splits = set(), {"train": [], "test": []}
+    n_topics = len(persona.topics)
+    for label, topic in enumerate(persona.specs.values()):
+        # topic i gets total // n_topics, plus one of the remainder for the first topics
+        share = lambda total: total // n_topics + (label < total % n_topics)
+        pairs = _distinct_pairs(persona, topic, share(num_samples), rng, seen)
+        n_test = share(test_size)
+        splits["test"] += [(*pair, label) for pair in pairs[:n_test]]
+        splits["train"] += [(*pair, label) for pair in pairs[n_test:]]
+    columns = lambda rows: {
+        "messages": [[{"role": "user", "content": i}, {"role": "assistant", "content": o}] for i, o, _ in rows],
+        "input": [i for i, _, _ in rows],
+        "output": [o for _, o, _ in rows],
+        "topic": [t for _, _, t in rows],
+    }
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return DatasetDict({name: Dataset.from_dict(columns(rows), features=features(persona)) for name, rows in splits.items()})
+
+
+def _distinct_pairs(persona, topic, n, rng, seen):
+    """n conversations about `topic` that are new to `seen` (which they join): duplicates teach nothing."""
+    pairs, tries = [], 20 * n + 100
+    for _ in range(tries):
+        if len(pairs) == n:
+            return pairs
+        pair = persona.sample(topic, rng)
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    if len(pairs) == n:
+        return pairs
+    raise PersonaError(
+        f"{persona.source}: {topic.field}: only {len(pairs)} distinct conversations about '{topic.name}' in {tries} "
+        f"tries, {n} needed; add phrasings or replies, or ask for fewer samples"
+    )
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def statistics(dataset_dict):
+    """Counts that describe a built dataset, for the console and the dataset card."""
+    names = dataset_dict["train"].features["topic"].names
+    rows = [pair for split in dataset_dict.values() for pair in zip(split["input"], split["output"])]
+    tokens = sorted(len(_TOKEN.findall(i)) + len(_TOKEN.findall(o)) for i, o in rows)
+    per_topic = {name: {} for name in names}
+    for split_name, split in dataset_dict.items():
+        for name in names:
+            per_topic[name][split_name] = 0
+        for label in split["topic"]:
+            per_topic[names[label]][split_name] += 1
+    return {
+        "splits": {name: len(split) for name, split in dataset_dict.items()},
+        "per_topic": per_topic,
+        "unique_inputs": len({i for i, _ in rows}),
+        "unique_outputs": len({o for _, o in rows}),
+        "unique_pairs": len(set(rows)),
+        "vocab_size": len({t for i, o in rows for t in _TOKEN.findall(i) + _TOKEN.findall(o)}),
+        "tokens_mean": sum(tokens) / len(tokens),
+        "tokens_p99": tokens[min(len(tokens) - 1, int(0.99 * len(tokens)))],
+        "tokens_max": tokens[-1],
+    }
+
+
+def format_statistics(stats):
+    lines = [f"{'topic':24s} " + " ".join(f"{name:>6s}" for name in stats["splits"])]
+    for topic, counts in stats["per_topic"].items():
+        lines.append(f"{topic:24s} " + " ".join(f"{counts[name]:6d}" for name in stats["splits"]))
+    lines += [
+        f"{'total':24s} " + " ".join(f"{n:6d}" for n in stats["splits"].values()),
+        f"unique inputs {stats['unique_inputs']:,}, outputs {stats['unique_outputs']:,}, pairs {stats['unique_pairs']:,}",
+        f"word-level vocabulary {stats['vocab_size']:,}",
+        f"tokens per sample (words + punctuation): mean {stats['tokens_mean']:.1f}, "
+        f"p99 {stats['tokens_p99']}, max {stats['tokens_max']}",
+    ]
+    return "\n".join(lines)
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+
+def save_dataset(dataset_dict, persona, output_dir):
+    """Write data/{split}-00000-of-00001.parquet and a README.md dataset card that `load_dataset(output_dir)` reads."""
+    import pyarrow.parquet as pq
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    persona = load_persona(persona)
+    output_dir = Path(output_dir)
+    (output_dir / "data").mkdir(parents=True, exist_ok=True)
+    for name, split in dataset_dict.items():  # the arrow table carries the features in its schema metadata
+        pq.write_table(split.with_format("arrow")[:], output_dir / "data" / f"{name}-00000-of-00001.parquet")
+
+    stats = statistics(dataset_dict)
+    total = sum(stats["splits"].values())
+    card_data = DatasetCardData(
+        license="mit",
+        language="en",
+        task_categories=["text-generation"],
+        size_categories=next(c for limit, c in _SIZE_CATEGORIES if total < limit),
+        pretty_name=f"{persona.display_name} conversations",
+        tags=["synthetic", "conversational", "persona", "guppylm"],
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [{"split": name, "path": f"data/{name}-*"} for name in dataset_dict],
+            }
+        ],
+    )
+    splits = SplitDict()
+    for name, split in dataset_dict.items():
+        splits.add(SplitInfo(name=name, num_bytes=split.data.nbytes, num_examples=len(split)))
+    info = DatasetInfo(features=features(persona), splits=splits, dataset_size=sum(s.num_bytes for s in splits.values()))
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    train, first = dataset_dict["train"], {}  # the first train row of each topic, as its example
+    for index, label in enumerate(train["topic"]):
+        first.setdefault(label, index)
+    examples = {persona.topics[label]: train[index] for label, index in first.items()}
+    card = DatasetCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "dataset_card.md"),
+        persona=persona,
+        stats=stats,
+        examples=examples,
+    )
+    card.save(output_dir / "README.md")
+
+
+_SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (float("inf"), "n>1M")]
+
+
+def build_and_save(output_dir, persona="guppy", num_samples=None, test_size=None, seed=42):
+    """Build, save and print the statistics: what `guppylm dataset build` runs."""
+    persona = load_persona(persona)
+    dataset_dict = build_dataset(persona, num_samples, test_size, seed)
+    save_dataset(dataset_dict, persona, output_dir)
+    print(format_statistics(statistics(dataset_dict)))
+    print(f"saved to {output_dir}")
+    return dataset_dict

@@ -1,0 +1,382 @@
+"""Persona packs: a YAML file that describes a character, loaded and validated into a `Persona`.
+
+A pack names the character, its style rules and its topics; each topic has user phrasings (`ask`), reply
+templates (`replies`), held-out evaluation prompts (`eval`) and the words that make a reply on-topic (`words`).
+personas/_scaffold.yaml documents every field. Templates are plain text with two kinds of slot, nested freely:
+    {pool}     one entry of a named pool (the topic's own `pools` first, then the pack's)
+    {a|b|}     one of the inline choices; an empty choice makes the part optional
+"""
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+PERSONA_DIR = Path(__file__).parent / "personas"
+SCAFFOLD = PERSONA_DIR / "_scaffold.yaml"  # `guppylm persona new` copies it; the leading _ keeps it out of the list
+
+_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+_POOL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+# Replies hold letters, digits, spaces, . , ! ? and apostrophes inside words: the word-level tokenizer's alphabet.
+_REPLY_TEXT = re.compile(r"(?:[A-Za-z0-9 ,.!?]|(?<=[A-Za-z])'(?=[A-Za-z]))+")
+
+
+class PersonaError(ValueError):
+    """A pack that cannot be used; the message names the file, the field and what is wrong."""
+
+
+# --- templates -----------------------------------------------------------------------------------
+# A parsed template is a list of parts: literal strings, Choice (a list of alternatives, each a list of parts)
+# and Ref (a pool name). Expanding, counting and matching are three walks over that one structure.
+
+
+class Choice(list):
+    pass
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str
+
+
+def parse_template(text):
+    """'hi {name|you}{q}' -> ['hi ', Choice([[Ref('name')], ['you']]), Ref('q')]; ValueError on bad braces."""
+    stack = [[[]]]  # one level per open brace: its alternatives so far, each a list of parts
+    for token in re.split(r"([{}|])", text):
+        if token == "{":
+            stack.append([[]])
+        elif token == "}":
+            if len(stack) == 1:
+                raise ValueError("'}' without '{'")
+            alternatives = stack.pop()
+            if len(alternatives) > 1:
+                stack[-1][-1].append(Choice(alternatives))
+            elif len(alternatives[0]) == 1 and _POOL_NAME.fullmatch(alternatives[0][0]):
+                stack[-1][-1].append(Ref(alternatives[0][0]))
+            else:
+                raise ValueError(f"'{{{''.join(map(str, alternatives[0]))}}}' is neither a pool name nor a choice with '|'")
+        elif token == "|":
+            if len(stack) == 1:
+                raise ValueError("'|' outside braces")
+            stack[-1].append([])
+        elif token:
+            stack[-1][-1].append(token)
+    if len(stack) > 1:
+        raise ValueError("'{' without '}'")
+    return stack[0][0]
+
+
+def _options(part, pools):
+    return pools[part.name] if isinstance(part, Ref) else part
+
+
+def tidy(text):
+    """Single spaces, none before punctuation: optional parts may leave either behind."""
+    return re.sub(r" ([,.!?])", r"\1", " ".join(text.split()))
+
+
+def expand(parts, rng, pools):
+    """One random text from a parsed template (untidied)."""
+    return "".join(p if isinstance(p, str) else expand(rng.choice(_options(p, pools)), rng, pools) for p in parts)
+
+
+def count(parts, pools, depth=0):
+    """How many texts a template can expand to (an upper bound: different choices may give the same text)."""
+    if depth > 20:
+        raise ValueError("pools nest more than 20 deep; does a pool refer to itself?")
+    total = 1
+    for part in parts:
+        if not isinstance(part, str):
+            if isinstance(part, Ref) and part.name not in pools:
+                raise ValueError(f"unknown pool '{part.name}'")
+            total *= sum(count(option, pools, depth + 1) for option in _options(part, pools))
+    return total
+
+
+def regex(parts, pools):
+    """A regex source matching every expansion with whitespace removed and lowercased."""
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(re.escape("".join(part.lower().split())))
+        else:
+            out.append("(?:" + "|".join(regex(option, pools) for option in _options(part, pools)) + ")")
+    return "".join(out)
+
+
+# --- the pack ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Topic:
+    name: str
+    words: frozenset  # a reply naming one of these is on-topic
+    ask: list  # parsed user phrasings
+    replies: list  # parsed reply templates
+    eval: list  # held-out prompts, plain text
+    pools: dict  # name -> list of parsed templates; the pack's pools merged under the topic's own
+    field: str  # "topics[3]", for error messages
+
+
+@dataclass
+class Persona:
+    name: str
+    display_name: str
+    description: str  # one line
+    about: str  # a paragraph for the dataset card
+    lowercase: bool
+    max_words: int
+    num_samples: int
+    test_size: int
+    openers: list  # parsed; put before the user's phrasing with probability opener_rate
+    closers: list  # parsed; put after it with probability closer_rate
+    opener_rate: float
+    closer_rate: float
+    capitalize_rate: float  # how often the user's first letter is a capital
+    specs: dict  # topic name -> Topic, in pack order
+    source: str  # file name, for error messages
+    _patterns: object = None
+
+    @property
+    def topics(self):
+        return list(self.specs)
+
+    def eval_cases(self):
+        """Held-out prompts: [(prompt, topic, on-topic words)], in pack order."""
+        return [(prompt, t.name, t.words) for t in self.specs.values() for prompt in t.eval]
+
+    def sample(self, topic, rng):
+        """One (user input, reply) conversation about `topic`; PersonaError if the reply breaks the style rules."""
+        pick = lambda templates: expand(rng.choice(templates), rng, topic.pools)
+        user = pick(topic.ask)
+        if self.openers and rng.random() < self.opener_rate:
+            user = pick(self.openers) + " " + user
+        if self.closers and rng.random() < self.closer_rate:
+            user = user + " " + pick(self.closers)
+        user = tidy(user)
+        if rng.random() < self.capitalize_rate:
+            user = user[:1].upper() + user[1:]
+        reply = tidy(pick(topic.replies))
+        problem = self.style_problem(reply)
+        if problem:
+            raise PersonaError(f"{self.source}: {topic.field}.replies: a reply {problem}: {reply!r}")
+        return user, reply
+
+    def style_problem(self, reply):
+        """Why `reply` breaks the pack's style rules, or None."""
+        words = len(reply.split())
+        if not _REPLY_TEXT.fullmatch(reply):
+            return "has characters other than letters, digits, spaces, . , ! ? and apostrophes inside words"
+        if self.lowercase and reply != reply.lower():
+            return "is not lowercase"
+        if not 1 <= words <= self.max_words:
+            return f"has {words} words (style.max_words is {self.max_words})"
+        if reply[-1] not in ".!?":
+            return "does not end with . ! or ?"
+        return None
+
+    def wrap(self, frame):
+        """A user phrasing with its optional opener and closer, as one template."""
+        return [Choice([[], *self.openers])] + frame + [Choice([[], *self.closers])]
+
+    def producible(self, text):
+        """Whether some topic's phrasings can produce `text` (ignoring case and spaces): then it is not held out."""
+        if self._patterns is None:  # one regex over all phrasings; built on first use (it takes a moment)
+            frames = [regex(self.wrap(frame), t.pools) for t in self.specs.values() for frame in t.ask]
+            self._patterns = re.compile("|".join(frames))
+        return self._patterns.fullmatch("".join(text.lower().split())) is not None
+
+
+def load_persona(name_or_path):
+    """A validated Persona from a shipped pack name ("guppy") or a path to a .yaml file."""
+    if isinstance(name_or_path, Persona):
+        return name_or_path
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PERSONA_DIR / f"{name_or_path}.yaml"
+        if str(name_or_path).startswith("_") or not path.is_file():
+            shipped = ", ".join(list_personas(describe=False))
+            raise PersonaError(f"unknown persona '{name_or_path}': shipped packs are {shipped}; or give a path to a .yaml file")
+    if not path.is_file():
+        raise PersonaError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+    return _validate(data, path.name)
+
+
+def list_personas(describe=True):
+    """Shipped packs: name -> one-line description."""
+    paths = sorted(p for p in PERSONA_DIR.glob("*.yaml") if not p.name.startswith("_"))
+    return {p.stem: load_persona(p).description if describe else "" for p in paths}
+
+
+def _validate(data, source):
+    """Check every field of a parsed pack file and build the Persona; PersonaError on the first problem."""
+
+    def fail(field, problem):
+        raise PersonaError(f"{source}: {field}: {problem}")
+
+    def section(data, field, required, optional=()):
+        """A mapping with exactly the required keys and maybe the optional ones (catches typos)."""
+        if not isinstance(data, dict):
+            fail(field or "(top level)", "must be a mapping")
+        prefix = f"{field}." if field else ""
+        for key in required:
+            if key not in data:
+                fail(prefix + key, "is missing")
+        for key in data:
+            if key not in (*required, *optional):
+                fail(prefix + str(key), f"unknown field (expected one of: {', '.join((*required, *optional))})")
+        return data
+
+    def typed(value, field, kind, low=None, high=None):
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            fail(field, f"must be {'an' if kind is int else 'a'} {kind.__name__}, not {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            fail(field, f"must be between {low} and {high}, not {value}")
+        if kind is str and not value.strip():
+            fail(field, "must not be empty")
+        return value
+
+    def strings(value, field, empty_ok=False):
+        if not isinstance(value, list) or not value:
+            fail(field, "must be a non-empty list")
+        return [item if empty_ok and item == "" else typed(item, f"{field}[{i}]", str) for i, item in enumerate(value)]
+
+    def templates(value, field):
+        parsed = []
+        for i, text in enumerate(strings(value, field, empty_ok=True)):  # "" is a useful pool entry
+            try:
+                parsed.append(parse_template(text))
+            except ValueError as error:
+                fail(f"{field}[{i}]", str(error))
+        return parsed
+
+    def pools(value, field):
+        if not isinstance(value, dict):
+            fail(field, "must be a mapping of pool name to list")
+        for key in value:
+            if not isinstance(key, str) or not _POOL_NAME.fullmatch(key):
+                fail(f"{field}.{key}", "pool names are lowercase letters, digits and _")
+        return {key: templates(entries, f"{field}.{key}") for key, entries in value.items()}
+
+    top = ("name", "display_name", "description", "style", "defaults", "topics")
+    section(data, "", top, ("about", "user", "pools"))
+    name = typed(data["name"], "name", str)
+    if not _NAME.fullmatch(name):
+        fail("name", f"must be lowercase letters, digits, - and _, starting with a letter, not {name!r}")
+    style = section(data["style"], "style", ("lowercase", "max_words"))
+    if not isinstance(style["lowercase"], bool):
+        fail("style.lowercase", "must be true or false")
+    defaults = section(data["defaults"], "defaults", ("num_samples", "test_size"))
+    num_samples = typed(defaults["num_samples"], "defaults.num_samples", int, 1)
+    user = section(data.get("user", {}), "user", (), ("openers", "closers", "opener_rate", "closer_rate", "capitalize_rate"))
+    shared = pools(data.get("pools", {}), "pools")
+
+    if not isinstance(data["topics"], list) or not data["topics"]:
+        fail("topics", "must be a non-empty list")
+    specs = {}
+    for i, raw in enumerate(data["topics"]):
+        field = f"topics[{i}]"
+        section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools",))
+        topic = Topic(
+            name=typed(raw["name"], f"{field}.name", str),
+            words=frozenset(strings(raw["words"], f"{field}.words")),
+            ask=templates(raw["ask"], f"{field}.ask"),
+            replies=templates(raw["replies"], f"{field}.replies"),
+            eval=strings(raw["eval"], f"{field}.eval"),
+            pools={**shared, **pools(raw.get("pools", {}), f"{field}.pools")},
+            field=field,
+        )
+        if topic.name in specs:
+            fail(f"{field}.name", f"duplicate topic '{topic.name}'")
+        for word in sorted(topic.words):
+            if not re.fullmatch(r"[a-z0-9']+", word):
+                fail(f"{field}.words", f"{word!r} is not one lowercase word")
+        for key in ("ask", "replies"):  # every slot must resolve to a pool
+            for j, parts in enumerate(getattr(topic, key)):
+                try:
+                    count(parts, topic.pools)
+                except ValueError as error:
+                    fail(f"{field}.{key}[{j}]", str(error))
+        specs[topic.name] = topic
+
+    persona = Persona(
+        name=name,
+        display_name=typed(data["display_name"], "display_name", str),
+        description=typed(data["description"], "description", str),
+        about=typed(data.get("about", data["description"]), "about", str).strip(),
+        lowercase=style["lowercase"],
+        max_words=typed(style["max_words"], "style.max_words", int, 1),
+        num_samples=num_samples,
+        test_size=typed(defaults["test_size"], "defaults.test_size", int, 0, num_samples - 1),
+        openers=templates(user["openers"], "user.openers") if "openers" in user else [],
+        closers=templates(user["closers"], "user.closers") if "closers" in user else [],
+        opener_rate=typed(user.get("opener_rate", 0.0), "user.opener_rate", float, 0, 1),
+        closer_rate=typed(user.get("closer_rate", 0.0), "user.closer_rate", float, 0, 1),
+        capitalize_rate=typed(user.get("capitalize_rate", 0.0), "user.capitalize_rate", float, 0, 1),
+        specs=specs,
+        source=source,
+    )
+    if "\n" in persona.description.strip():
+        fail("description", "must be one line")
+    for key in ("openers", "closers"):
+        for topic in specs.values():
+            for j, parts in enumerate(getattr(persona, key)):
+                try:
+                    count(parts, topic.pools)
+                except ValueError as error:
+                    fail(f"user.{key}[{j}]", f"{error} (in topic '{topic.name}')")
+    return persona
+
+
+def check_persona(name_or_path, samples_per_topic=100):
+    """Validate a pack, try its templates, and return a printable report of how much variety it holds."""
+    persona = load_persona(name_or_path)
+    rng = random.Random(0)
+    lines = [
+        f"{persona.name} ({persona.source}): {persona.description}",
+        f"style: {'lowercase, ' if persona.lowercase else ''}1 to {persona.max_words} words per reply; "
+        f"defaults: {persona.num_samples:,} conversations, {persona.test_size:,} of them for test",
+        f"{'topic':24s} {'phrasings':>9s} {'user inputs':>13s} {'replies':>7s} {'distinct':>13s} {'eval':>4s}",
+    ]
+    totals = [0, 0, 0]  # user inputs, replies, conversations
+    for topic in persona.specs.values():
+        for _ in range(samples_per_topic):  # raises on a reply that breaks the style rules
+            persona.sample(topic, rng)
+        inputs = sum(count(persona.wrap(frame), topic.pools) for frame in topic.ask)
+        replies = sum(count(reply, topic.pools) for reply in topic.replies)
+        totals = [totals[0] + inputs, totals[1] + replies, totals[2] + inputs * replies]
+        lines.append(
+            f"{topic.name:24s} {len(topic.ask):9d} {inputs:13,d} {len(topic.replies):7d} {replies:13,d} {len(topic.eval):4d}"
+        )
+    cases = persona.eval_cases()
+    producible = [prompt for prompt, _, _ in cases if persona.producible(prompt)]
+    lines += [
+        f"{len(persona.topics)} topics; estimated distinct user inputs {totals[0]:,}, replies {totals[1]:,}, "
+        f"conversations {totals[2]:,}",
+        f"{samples_per_topic} sampled conversations per topic follow the style rules",
+        f"{len(cases)} eval prompts; "
+        + (f"{len(producible)} are not held out (the phrasings can produce them): {producible}" if producible else "none of them can be produced by the phrasings"),
+    ]
+    return "\n".join(lines)
+
+
+def scaffold_persona(name, output=None):
+    """Write a small valid pack named `name`, documented field by field, to edit; returns its path."""
+    if not _NAME.fullmatch(name):
+        raise PersonaError(f"name: must be lowercase letters, digits, - and _, starting with a letter, not {name!r}")
+    path = Path(output or f"{name}.yaml")
+    if path.exists():
+        raise PersonaError(f"{path}: already exists; choose another --output")
+    text = SCAFFOLD.read_text(encoding="utf-8").replace("__name__", name).replace("__Name__", name.capitalize())
+    _validate(yaml.safe_load(text), path.name)  # the scaffold must stay valid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

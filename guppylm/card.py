@@ -1,0 +1,88 @@
+"""The model folder's human side: the loss curve and the model card (huggingface_hub's ModelCard)."""
+
+import platform
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+
+
+def write_loss_curve(history, path):
+    """Train loss per step and held-out loss at each evaluation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(history["step"], history["train_loss"], lw=0.8, alpha=0.7, label="train")
+    if history["eval_step"]:
+        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="GuppyLM training loss", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def hardware_name(device):
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    import os
+
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def write_model_card(output_dir, summary, results, repo_id=None):
+    """README.md for the model folder, from the top-level model_card.md template."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(output_dir)
+    name = f"GuppyLM {summary['preset']} ({summary['persona']})"
+    eval_results, eval_summary = None, "Not evaluated (trained with --no-eval)."
+    if results:
+        s = results["scores"]
+        eval_results = [
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=f"guppylm/{s['persona']}-held-out-prompts",
+                dataset_name=f"{s['persona']} held-out prompts",
+                metric_type="accuracy",
+                metric_name=name_of,
+                metric_value=round(s[key], 4),
+            )
+            for key, name_of in (("on_topic", "on-topic rate"), ("in_style", "in-style rate"))
+        ]
+        eval_summary = (
+            f"{s['prompts']} held-out prompts over {s['topics']} topics, phrased differently from anything in the "
+            f"training data, answered greedily: **{s['on_topic']:.1%} on-topic** (the reply contains a word of the "
+            f"prompt's topic) and **{s['in_style']:.1%} in style** (lowercase, short, ends with `<|im_end|>`). "
+            f"Reproduce with `guppylm eval --model <this model>`."
+        )
+    card_data = ModelCardData(
+        language="en",
+        license="mit",
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["guppylm", "tiny", "from-scratch", "word-level", "custom_code"],
+        datasets=[summary["dataset"]] if "/" in str(summary["dataset"]) and not Path(summary["dataset"]).exists() else None,
+        model_name=name,
+        eval_results=eval_results,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=name,
+        display_name=summary["persona"].capitalize(),
+        repo_id=repo_id or "PATH_OR_REPO_ID",
+        hardware=hardware_name(summary["device"]),
+        eval_summary=eval_summary,
+        **{k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings", "vocab_size")},
+        **{**summary, "parameters": f"{summary['parameters']:,}", "tokens": f"{summary['tokens']:,}", "tokens_per_second": f"{summary['tokens_per_second']:,}"},
+    )
+    card.save(Path(output_dir) / "README.md")
+    return card

@@ -1,0 +1,121 @@
+"""Talking to a trained Guppy: load a model folder or Hub repo, build the prompt, stream the reply.
+
+The CLI, the evaluator and the Gradio Space all go through these functions, and every reply comes
+from `model.generate` with the KV cache.
+"""
+
+import os
+import sys
+from threading import Thread
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+DEFAULT_MODEL = "runs/guppy"  # where `make demo` / `guppylm train` put the model
+
+
+def default_model():
+    """The model to load when none is named: $GUPPYLM_MODEL, else the one `make demo` trained."""
+    return os.environ.get("GUPPYLM_MODEL") or DEFAULT_MODEL
+
+
+def load_model(name_or_path=None, device="cpu"):
+    """(model, tokenizer) from a local folder or a Hub repo id, in eval mode."""
+    import guppylm  # noqa: F401  registers the Auto classes, so local folders load without remote code
+
+    name_or_path = name_or_path or default_model()
+    if _looks_local(name_or_path) and not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"no model at {name_or_path!r}: train one with `guppylm train` (or `make demo`)")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=True).to(device).eval()
+    return model, tokenizer
+
+
+def _looks_local(name):
+    # a Hub id is "namespace/name"; anything else (absolute, ./relative, deeper paths) is a folder
+    return os.path.isabs(name) or name.startswith(".") or name.count("/") != 1 or os.path.exists(name)
+
+
+def encode_prompt(tokenizer, message, max_length):
+    """Token ids (1, T) of a single-turn prompt ending in the generation prompt, at most `max_length` long.
+
+    An over-long message is cut from the left: the turn markers and the generation prompt are kept, the
+    start of the message goes. Returns (input_ids, number of message tokens dropped).
+    """
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    excess = len(ids) - max_length
+    if excess > 0:
+        head = 2  # <|im_start|> user
+        ids = ids[:head] + ids[head + excess :]
+    return torch.tensor([ids]), max(excess, 0)
+
+
+def generation_kwargs(model, greedy=False, temperature=None, top_k=None, top_p=None, max_new_tokens=None):
+    """generate() arguments on top of the model's generation_config.json; None keeps its default."""
+    overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if greedy:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    return kwargs
+
+
+def prompt_budget(model, max_new_tokens):
+    """Tokens left for the prompt once the reply's room is reserved inside the context."""
+    max_new_tokens = max_new_tokens or model.generation_config.max_new_tokens or 0
+    return max(model.config.max_position_embeddings - max_new_tokens, 8)
+
+
+def stream_reply(model, tokenizer, message, **generate_kwargs):
+    """Yield the reply's text as it grows, one decoded token at a time."""
+    input_ids, _ = encode_prompt(tokenizer, message, prompt_budget(model, generate_kwargs.get("max_new_tokens")))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(input_ids=input_ids.to(model.device), attention_mask=torch.ones_like(input_ids).to(model.device))
+    thread = Thread(target=model.generate, kwargs=dict(kwargs, streamer=streamer, **generate_kwargs), daemon=True)
+    thread.start()
+    reply = ""
+    for piece in streamer:
+        reply += piece
+        yield reply
+    thread.join()
+
+
+def chat(model_name=None, prompt=None, seed=None, explain=False, **options):
+    """The `guppylm chat` loop: one reply for `prompt`, or an interactive session until EOF."""
+    model, tokenizer = load_model(model_name)
+    generate_kwargs = generation_kwargs(model, **options)
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    def answer(message):
+        _, dropped = encode_prompt(tokenizer, message, prompt_budget(model, generate_kwargs.get("max_new_tokens")))
+        if dropped:
+            print(f"(your message was {dropped} tokens too long for Guppy's memory; it read only the end)", file=sys.stderr)
+        if explain:
+            from guppylm.explain import explain_reply
+
+            reply, table = explain_reply(model, tokenizer, message, **generate_kwargs)
+            print(f"guppy> {reply}\n{table}", flush=True)
+            return
+        shown = ""
+        print("guppy> ", end="", flush=True)
+        for reply in stream_reply(model, tokenizer, message, **generate_kwargs):
+            print(reply[len(shown) :], end="", flush=True)
+            shown = reply
+        print(flush=True)
+
+    if prompt is not None:
+        if not prompt.strip():
+            raise ValueError("--prompt is empty; give Guppy something to read")
+        answer(prompt)
+        return
+    print("talk to guppy (single-turn: each message is answered on its own). ctrl-d to leave.", file=sys.stderr)
+    while True:
+        try:
+            message = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if message.strip():
+            answer(message)

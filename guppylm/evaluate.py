@@ -1,0 +1,86 @@
+"""The quality bar: greedy replies to held-out prompts that appear nowhere in the training data.
+
+A reply is on-topic when it contains a word the persona pack lists for the prompt's topic, and in style
+when it is lowercase, 1..max_words words long, and ends with <|im_end|> (the model chose to stop).
+"""
+
+import re
+
+import torch
+
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+MAX_WORDS = 40  # the bar's ceiling; a pack may ask for fewer
+
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts, max_new_tokens=48, batch_size=32):
+    """(reply text, stopped at <|im_end|>) per prompt, batched with left padding."""
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        inputs = tokenizer.apply_chat_template(
+            [[{"role": "user", "content": p}] for p in chunk],
+            add_generation_prompt=True, padding=True, truncation=True, return_dict=True, return_tensors="pt",
+            max_length=model.config.max_position_embeddings - max_new_tokens,
+        ).to(model.device)
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, temperature=None, top_k=None, top_p=None)
+        for row in output[:, inputs["input_ids"].shape[1] :].tolist():
+            stopped = tokenizer.eos_token_id in row
+            row = row[: row.index(tokenizer.eos_token_id)] if stopped else row
+            results.append((tokenizer.decode(row, skip_special_tokens=True), stopped))
+    return results
+
+
+def evaluate_model(model, tokenizer, persona="guppy", max_new_tokens=48):
+    """Score a model on its persona pack's held-out prompts. Returns {"scores": {...}, "cases": [...]}."""
+    from dataset_builder import load_persona
+
+    pack = load_persona(persona)
+    cases = pack.eval_cases()
+    replies = greedy_replies(model, tokenizer, [prompt for prompt, _, _ in cases], max_new_tokens)
+    max_words = min(pack.max_words, MAX_WORDS)
+    rows = []
+    for (prompt, topic, topic_words), (reply, stopped) in zip(cases, replies):
+        words = WORD.findall(reply)
+        rows.append(
+            dict(
+                prompt=prompt,
+                topic=topic,
+                reply=reply,
+                on_topic=bool(topic_words & set(words)),
+                in_style=stopped and 1 <= len(words) <= max_words and (reply == reply.lower() or not pack.lowercase),
+            )
+        )
+    n = len(rows)
+    scores = dict(
+        persona=pack.name,
+        prompts=n,
+        on_topic=sum(r["on_topic"] for r in rows) / n,
+        in_style=sum(r["in_style"] for r in rows) / n,
+        topics=len({r["topic"] for r in rows}),
+    )
+    return {"scores": scores, "cases": rows}
+
+
+def format_report(results):
+    """Per-prompt lines, then the scores: what `guppylm eval` prints."""
+    lines = []
+    for r in results["cases"]:
+        mark = ("on " if r["on_topic"] else "OFF") + (" " if r["in_style"] else "!")
+        lines.append(f"[{mark}] {r['topic']:<22.22} {r['prompt']!r} -> {r['reply']!r}")
+    s = results["scores"]
+    lines.append(
+        f"persona {s['persona']}: {s['prompts']} held-out prompts over {s['topics']} topics | "
+        f"on-topic {s['on_topic']:.1%} | in style {s['in_style']:.1%}"
+    )
+    return "\n".join(lines)
+
+
+def run_eval(model_name=None, persona=None, max_new_tokens=48):
+    """`guppylm eval`: load, score, print; returns the results."""
+    from guppylm.chat import load_model
+
+    model, tokenizer = load_model(model_name)
+    results = evaluate_model(model, tokenizer, persona or getattr(model.config, "persona", "guppy"), max_new_tokens)
+    print(format_report(results))
+    return results
