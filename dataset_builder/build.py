@@ -4,6 +4,7 @@ import random
 import re
 from pathlib import Path
 
+import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 from .persona import PersonaError, load_persona
@@ -49,7 +50,8 @@ def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
     }
     for rows in splits.values():
         rng.shuffle(rows)
-    return DatasetDict({name: Dataset.from_dict(columns(rows), features=features(persona)) for name, rows in splits.items()})
+    schema = features(persona).arrow_schema  # carries the features, ClassLabel names included, as metadata
+    return DatasetDict({name: Dataset(pa.table(columns(rows), schema=schema)) for name, rows in splits.items()})
 
 
 def _distinct_pairs(persona, topic, n, rng, seen):
@@ -76,13 +78,14 @@ def _distinct_pairs(persona, topic, n, rng, seen):
 def statistics(dataset_dict):
     """Counts that describe a built dataset, for the console and the dataset card."""
     names = dataset_dict["train"].features["topic"].names
-    rows = [pair for split in dataset_dict.values() for pair in zip(split["input"], split["output"])]
-    tokens = sorted(len(_TOKEN.findall(i)) + len(_TOKEN.findall(o)) for i, o in rows)
-    per_topic = {name: {} for name in names}
-    for split_name, split in dataset_dict.items():
-        for name in names:
-            per_topic[name][split_name] = 0
-        for label in split["topic"]:
+    # one batch per split: iterating a column would decode row by row
+    columns = {name: split.select_columns(["input", "output", "topic"])[:] for name, split in dataset_dict.items()}
+    rows = [pair for c in columns.values() for pair in zip(c["input"], c["output"])]
+    tokens = {text: _TOKEN.findall(text) for pair in set(rows) for text in pair}  # each distinct text once
+    lengths = sorted(len(tokens[i]) + len(tokens[o]) for i, o in rows)
+    per_topic = {name: dict.fromkeys(dataset_dict, 0) for name in names}
+    for split_name, c in columns.items():
+        for label in c["topic"]:
             per_topic[names[label]][split_name] += 1
     return {
         "splits": {name: len(split) for name, split in dataset_dict.items()},
@@ -90,10 +93,10 @@ def statistics(dataset_dict):
         "unique_inputs": len({i for i, _ in rows}),
         "unique_outputs": len({o for _, o in rows}),
         "unique_pairs": len(set(rows)),
-        "vocab_size": len({t for i, o in rows for t in _TOKEN.findall(i) + _TOKEN.findall(o)}),
-        "tokens_mean": sum(tokens) / len(tokens),
-        "tokens_p99": tokens[min(len(tokens) - 1, int(0.99 * len(tokens)))],
-        "tokens_max": tokens[-1],
+        "vocab_size": len({token for text_tokens in tokens.values() for token in text_tokens}),
+        "tokens_mean": sum(lengths) / len(lengths),
+        "tokens_p99": lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))],
+        "tokens_max": lengths[-1],
     }
 
 
@@ -149,7 +152,7 @@ def save_dataset(dataset_dict, persona, output_dir):
     info = DatasetInfo(features=features(persona), splits=splits, dataset_size=sum(s.num_bytes for s in splits.values()))
     DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
     train, first = dataset_dict["train"], {}  # the first train row of each topic, as its example
-    for index, label in enumerate(train["topic"]):
+    for index, label in enumerate(train.select_columns(["topic"])[:]["topic"]):
         first.setdefault(label, index)
     examples = {persona.topics[label]: train[index] for label, index in first.items()}
     card = DatasetCard.from_template(

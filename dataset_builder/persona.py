@@ -158,7 +158,11 @@ class Persona:
         user = tidy(user)
         if rng.random() < self.capitalize_rate:
             user = user[:1].upper() + user[1:]
-        reply = tidy(pick(topic.replies))
+        for _ in range(10):  # two draws from one pool can repeat a sentence ("i hide. i hide."): draw again
+            reply = tidy(pick(topic.replies))
+            sentences = re.findall(r"[^.!?]+[.!?]", reply)
+            if len(set(sentences)) == len(sentences):
+                break
         problem = self.style_problem(reply)
         if problem:
             raise PersonaError(f"{self.source}: {topic.field}.replies: a reply {problem}: {reply!r}")

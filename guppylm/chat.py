@@ -6,6 +6,7 @@ from `model.generate` with the KV cache.
 
 import os
 import sys
+from pathlib import Path
 from threading import Thread
 
 import torch
@@ -20,15 +21,37 @@ def default_model():
 
 
 def load_model(name_or_path=None, device="cpu"):
-    """(model, tokenizer) from a local folder or a Hub repo id, in eval mode."""
-    import guppylm  # noqa: F401  registers the Auto classes, so local folders load without remote code
+    """(model, tokenizer) from a local folder or a Hub repo id, in eval mode.
 
-    name_or_path = name_or_path or default_model()
-    if _looks_local(name_or_path) and not os.path.isdir(name_or_path):
-        raise FileNotFoundError(f"no model at {name_or_path!r}: train one with `guppylm train` (or `make demo`)")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=True).to(device).eval()
-    return model, tokenizer
+    The model is built from guppylm's own classes (registered with the Auto classes on import), so loading
+    a folder or a repo never runs Python code that came with it. Weights load from safetensors only.
+    """
+    from guppylm import GuppyConfig  # also registers GuppyLM with the Auto classes
+    from transformers.utils import logging
+
+    name_or_path = str(name_or_path or default_model())
+    if _looks_local(name_or_path):
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no model at {name_or_path!r}: train one with `guppylm train` (or `make demo`)")
+        missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{name_or_path!r} is not a complete model folder: missing {', '.join(missing)}")
+    logging.disable_progress_bar()
+    try:
+        config_dict, _ = GuppyConfig.get_config_dict(name_or_path)  # plain JSON, no code involved
+        if config_dict.get("model_type") != GuppyConfig.model_type:
+            raise ValueError(f"its config describes a {config_dict.get('model_type')!r} model, not a {GuppyConfig.model_type!r} one")
+        config = GuppyConfig.from_dict(config_dict)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, use_safetensors=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"cannot load the model {name_or_path!r}: {reason}") from error
+    return model.to(device).eval(), tokenizer
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def _looks_local(name):
@@ -83,6 +106,9 @@ def stream_reply(model, tokenizer, message, **generate_kwargs):
 
 def chat(model_name=None, prompt=None, seed=None, explain=False, **options):
     """The `guppylm chat` loop: one reply for `prompt`, or an interactive session until EOF."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the CLI reports truncation itself, in words
     model, tokenizer = load_model(model_name)
     generate_kwargs = generation_kwargs(model, **options)
     if seed is not None:

@@ -214,8 +214,12 @@ def train(
     compile=False,
     mixed_precision=None,
     run_eval=True,
+    config_overrides=None,
 ):
-    """Train a model and write a complete `save_pretrained` folder to `output_dir`. Returns the summary dict."""
+    """Train a model and write a complete `save_pretrained` folder to `output_dir`. Returns the summary dict.
+
+    `config_overrides` changes the preset's architecture (used by bench/ to search for presets).
+    """
     started = time.perf_counter()
     preset = preset or default_preset()
     if preset not in PRESETS:
@@ -237,7 +241,7 @@ def train(
     # 1. data and tokenizer: the vocabulary is every word of the training conversations
     with accelerator.main_process_first():  # one process builds the default dataset, the others read it
         data = load_conversations(dataset, persona=persona, seed=seed)
-    tokenizer = build_tokenizer(conversation_texts(data["train"]), model_max_length=PRESETS[preset]["max_position_embeddings"])
+    tokenizer = build_tokenizer(conversation_texts(data["train"]))
     config = GuppyConfig.from_preset(
         preset,
         vocab_size=len(tokenizer),
@@ -245,7 +249,9 @@ def train(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         persona=persona,
+        **(config_overrides or {}),
     )
+    tokenizer.model_max_length = config.max_position_embeddings
     train_set = Conversations(data["train"], tokenizer, config.max_position_embeddings, unk_rate=unk_rate, seed=seed)
     test_split = data["test"] if "test" in data else data["train"].select(range(min(512, len(data["train"]))))
     test_set = Conversations(test_split, tokenizer, config.max_position_embeddings)
@@ -347,6 +353,7 @@ def train(
         tokens=tokens_seen,
         train_seconds=round(train_seconds, 1),
         tokens_per_second=round(tokens_seen / max(train_seconds, 1e-9)),
+        first_train_loss=round(history["train_loss"][0], 4) if history["train_loss"] else None,
         final_train_loss=round(loss_ema, 4) if loss_ema is not None else None,
         final_eval_loss=round(history["eval_loss"][-1], 4) if history["eval_loss"] else None,
         processes=accelerator.num_processes,

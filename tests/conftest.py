@@ -1,4 +1,8 @@
-"""Shared fixtures: throwaway models built in-process in seconds."""
+"""Shared fixtures: throwaway models built in-process in seconds, a local Hub, trained tiny models."""
+
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +10,8 @@ from transformers import GenerationConfig
 
 from guppylm import GuppyConfig, GuppyForCausalLM
 from guppylm.tokenizer import build_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 FISH_LINES = [
     "hello! i'm guppy, a small fish.",
@@ -57,18 +63,14 @@ class LocalHub:
     def env(self, **extra):
         """os.environ without the caller's HF_* settings (their token, their cache, HF_HUB_OFFLINE), pointed at
         this server; huggingface_hub reads these at import, so they are for fresh processes. `KEY=None` drops KEY."""
-        import os
-        from pathlib import Path
-
         env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE_"))}
-        repo_root = str(Path(__file__).resolve().parents[1])
         env.update(
             HF_ENDPOINT=self.endpoint,
             HF_TOKEN=self.token,
             HF_HOME=str(self.hf_home),
             HF_HUB_DISABLE_XET="1",  # the server speaks plain git-LFS, not Xet
             HF_HUB_DISABLE_TELEMETRY="1",
-            PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         )
         for key, value in extra.items():
             if value is None:
@@ -90,3 +92,31 @@ def hub(tmp_path_factory):
     yield LocalHub(server, tmp_path_factory.mktemp("hf_home"))
     server.stop()
     assert not server.unhandled, f"clients called routes tests/hub_server.py does not implement: {server.unhandled}"
+
+
+# --- trained models -------------------------------------------------------------------------------------
+
+
+def guppylm_command(*args):
+    """The installed `guppylm` CLI, run with this interpreter."""
+    return [sys.executable, "-m", "guppylm.cli", *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def small_dataset_dir(tmp_path_factory):
+    """The guppy pack's dataset at 1/20 size: the real builder, seconds to make."""
+    from dataset_builder import build_dataset, save_dataset
+
+    path = tmp_path_factory.mktemp("small-dataset")
+    save_dataset(build_dataset("guppy", num_samples=3000, test_size=300, seed=0), "guppy", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory, small_dataset_dir):
+    """A `tiny` model trained by the real `train()` for a few seconds: a complete output folder."""
+    from guppylm.train import train
+
+    path = tmp_path_factory.mktemp("trained-tiny")
+    train(output_dir=str(path), preset="tiny", dataset=str(small_dataset_dir), max_steps=150, eval_every=50, checkpoint_every=10**6)
+    return path

@@ -1,0 +1,270 @@
+"""Export a trained Guppy to ONNX for the browser, and prove it: ONNX Runtime == PyTorch.
+
+`guppylm export onnx --model DIR --output-dir WEB` writes a folder that the page in space/web/ loads as is:
+
+    model.onnx              fp32 graph with the KV cache as inputs and outputs
+    model_int8.onnx         the same graph with dynamically quantized int8 weights (--quantize)
+    tokenizer.json          the word-level tokenizer, unchanged
+    tokenizer_config.json   with the chat template and unk_token inside, where the JS tokenizer looks for them
+    config.json, generation_config.json
+    export_report.json      what the verification measured (the page shows it)
+
+The graph's interface uses the names optimum and transformers.js use for decoder models:
+
+    input_ids (B, T) int64, attention_mask (B, T_past + T) int64, position_ids (B, T) int64,
+    past_key_values.N.key / .value (B, nh, T_past, hs) float32      T_past = 0 on the first call
+    -> logits (B, T, vocab), present.N.key / .value (B, nh, T_past + T, hs)
+
+The export checks itself before it returns: logits along whole replies, fed one token at a time through the
+cache, match PyTorch's; greedy replies decoded with ONNX Runtime are token-for-token those of `model.generate`.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from guppylm.chat import encode_prompt, load_model, prompt_budget
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model_int8.onnx"
+REPORT_FILE = "export_report.json"
+
+# Prompts the exported graph must answer exactly as PyTorch does: everyday ones, punctuation, an unknown word.
+VERIFY_PROMPTS = [
+    "hi guppy",
+    "are you hungry?",
+    "what do you think about the internet?",
+    "tell me about your tank.",
+    "do you like bubbles? i like bubbles!",
+    "what is a smartphone, little fish?",
+]
+# fp32 ONNX Runtime and PyTorch run the same arithmetic in a different order: differences stay near 1e-6.
+FP32_ATOL = 1e-4
+
+
+class FlatCacheGuppy(nn.Module):
+    """GuppyForCausalLM with the KV cache as flat tensors, the only form an ONNX graph can take and return."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):  # past: key, value per layer
+        cache = DynamicCache(list(zip(past[0::2], past[1::2])))
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        present = [tensor for layer in out.past_key_values.layers for tensor in (layer.keys, layer.values)]
+        return out.logits, *present
+
+
+def io_names(num_layers):
+    """(input names, output names) of the exported graph."""
+    kv = [f"{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+    return (
+        ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{name}" for name in kv)],
+        ["logits", *(f"present.{name}" for name in kv)],
+    )
+
+
+def export_graph(model, path):
+    """Trace `model` with torch.export (dynamo) into an ONNX file whose batch and lengths are all dynamic."""
+    config = model.config
+    num_heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    # Example sizes are distinct and above 1 so torch.export does not specialize any of them to a constant.
+    batch, seq, past = 2, 3, 5
+    past_kv = tuple(torch.zeros(batch, num_heads, past, head_dim) for _ in range(2 * config.num_hidden_layers))
+    example = (
+        torch.ones(batch, seq, dtype=torch.long),
+        torch.ones(batch, past + seq, dtype=torch.long),
+        torch.arange(past, past + seq).expand(batch, seq),
+        *past_kv,
+    )
+    B, T = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
+    T_past, T_total = torch.export.Dim("past_sequence_length"), torch.export.Dim("total_sequence_length")
+    dynamic_shapes = ({0: B, 1: T}, {0: B, 1: T_total}, {0: B, 1: T}, tuple({0: B, 2: T_past} for _ in past_kv))
+    input_names, output_names = io_names(config.num_hidden_layers)
+    torch.onnx.export(
+        FlatCacheGuppy(model).eval(),
+        example,
+        str(path),
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        dynamo=True,
+        external_data=False,  # one self-contained file: the page fetches it in one request
+        verbose=False,
+    )
+
+
+def quantize(fp32_path, int8_path):
+    """Dynamic int8: weights stored as int8, activations quantized on the fly. No calibration data needed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
+
+
+class OnnxGuppy:
+    """An ONNX Runtime session driven like `generate` drives the PyTorch model: prefill, then one token per step.
+
+    space/web/guppy.js runs the same loop in the browser.
+    """
+
+    def __init__(self, path, config):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1  # the matrices are tiny; threads cost more than they save
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names, _ = io_names(config.num_hidden_layers)
+        self.kv_shape = (1, config.num_attention_heads, 0, config.hidden_size // config.num_attention_heads)
+
+    def empty_cache(self):
+        return [np.zeros(self.kv_shape, dtype=np.float32) for _ in self.input_names[3:]]
+
+    def step(self, new_ids, past):
+        """Logits (T, vocab) for `new_ids` after `past` (as returned by the previous step), and the grown cache."""
+        past_length, length = past[0].shape[2], len(new_ids)
+        feed = {
+            "input_ids": np.array([new_ids], dtype=np.int64),
+            "attention_mask": np.ones((1, past_length + length), dtype=np.int64),
+            "position_ids": np.arange(past_length, past_length + length, dtype=np.int64)[None],
+            **dict(zip(self.input_names[3:], past)),
+        }
+        logits, *present = self.session.run(None, feed)
+        return logits[0], present
+
+    def teacher_forced_logits(self, prompt_ids, reply_ids):
+        """Logits at every position of prompt + reply: the prompt in one call, then the reply token by token."""
+        logits, past = self.step(prompt_ids, self.empty_cache())
+        rows = [logits]
+        for token in reply_ids[:-1]:
+            logits, past = self.step([token], past)
+            rows.append(logits)
+        return np.concatenate(rows)
+
+    def greedy(self, prompt_ids, max_new_tokens, eos_token_ids):
+        """Greedy reply ids (ending with EOS if one came), and seconds spent per generated token."""
+        started = time.perf_counter()
+        logits, past = self.step(prompt_ids, self.empty_cache())
+        reply = []
+        while True:
+            token = int(logits[-1].argmax())
+            reply.append(token)
+            if token in eos_token_ids or len(reply) == max_new_tokens:
+                return reply, (time.perf_counter() - started) / len(reply)
+            logits, past = self.step([token], past)
+
+
+@dataclass
+class Verification:
+    """How closely one ONNX file reproduces PyTorch."""
+
+    file: str
+    bytes: int
+    max_abs_logit_diff: float  # over every position of every prompt + reply
+    greedy_identical: int  # prompts whose whole greedy reply is token-for-token PyTorch's
+    prompts: int
+    ms_per_token: float  # ONNX Runtime, 1 thread, prefill included
+
+    @property
+    def exact(self):
+        return self.greedy_identical == self.prompts
+
+
+def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
+    """Compare the ONNX file at `path` with `model` on `prompts`; whole greedy replies, no sampling."""
+    max_new_tokens = max_new_tokens or model.generation_config.max_new_tokens or 32
+    eos = model.generation_config.eos_token_id
+    eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+    onnx_model = OnnxGuppy(path, model.config)
+    worst, identical, seconds_per_token = 0.0, 0, []
+    for prompt in prompts:
+        input_ids, _ = encode_prompt(tokenizer, prompt, prompt_budget(model, max_new_tokens))
+        with torch.no_grad():
+            full = model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=max_new_tokens,
+                temperature=None, top_k=None, top_p=None,
+            )  # (1, T_prompt + T_reply)
+            expected_logits = model(full).logits[0, :-1]  # the last token's prediction is never used
+        prompt_ids, expected = input_ids[0].tolist(), full[0, input_ids.shape[1] :].tolist()
+
+        logits = onnx_model.teacher_forced_logits(prompt_ids, expected)
+        worst = max(worst, float(abs(torch.from_numpy(logits) - expected_logits).max()))
+        reply, seconds = onnx_model.greedy(prompt_ids, max_new_tokens, eos_token_ids)
+        identical += reply == expected
+        seconds_per_token.append(seconds)
+    return Verification(
+        file=Path(path).name,
+        bytes=Path(path).stat().st_size,
+        max_abs_logit_diff=worst,
+        greedy_identical=identical,
+        prompts=len(prompts),
+        ms_per_token=1000 * sum(seconds_per_token) / len(seconds_per_token),
+    )
+
+
+def save_tokenizer_and_configs(model, tokenizer, output_dir):
+    """The files the page reads besides the graph; the chat template goes inside tokenizer_config.json."""
+    tokenizer.save_pretrained(output_dir, save_jinja_files=False)
+    config = json.loads((output_dir / "tokenizer_config.json").read_text())
+    missing = [key for key in ("chat_template", "unk_token") if not config.get(key)]
+    if missing:
+        raise ValueError(f"tokenizer_config.json lacks {', '.join(missing)}; the browser tokenizer needs them")
+    model.config.save_pretrained(output_dir)
+    model.generation_config.save_pretrained(output_dir)
+
+
+def export_onnx(model_dir, output_dir, quantize_int8=False, prompts=VERIFY_PROMPTS, max_new_tokens=None):
+    """Export, verify and describe; returns the report dict. Raises RuntimeError when fp32 ONNX != PyTorch."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(str(model_dir))
+
+    started = time.perf_counter()
+    export_graph(model, output_dir / FP32_FILE)
+    if quantize_int8:
+        quantize(output_dir / FP32_FILE, output_dir / INT8_FILE)
+    export_seconds = time.perf_counter() - started
+    save_tokenizer_and_configs(model, tokenizer, output_dir)
+
+    files = [FP32_FILE, INT8_FILE] if quantize_int8 else [FP32_FILE]
+    checks = [verify(model, tokenizer, output_dir / name, prompts, max_new_tokens) for name in files]
+    report = {
+        "source": str(model_dir),
+        "export_seconds": round(export_seconds, 2),
+        "fp32_atol": FP32_ATOL,
+        "prompts": prompts,
+        "files": {check.file: asdict(check) for check in checks},
+    }
+    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+    fp32 = checks[0]
+    if fp32.max_abs_logit_diff > FP32_ATOL or not fp32.exact:
+        raise RuntimeError(
+            f"ONNX export does not match PyTorch: max |logit diff| {fp32.max_abs_logit_diff:.2e} "
+            f"(allowed {FP32_ATOL:.0e}), identical greedy replies {fp32.greedy_identical}/{fp32.prompts}; "
+            f"details in {output_dir / REPORT_FILE}"
+        )
+    return report
+
+
+def describe(report):
+    """One line per file, for the CLI."""
+    lines = [f"exported in {report['export_seconds']:.1f} s"]
+    for check in report["files"].values():
+        lines.append(
+            f"{check['file']:16s} {check['bytes'] / 1e6:6.2f} MB | max |logit diff| {check['max_abs_logit_diff']:.1e} | "
+            f"greedy identical {check['greedy_identical']}/{check['prompts']} | {check['ms_per_token']:.2f} ms/token (ORT, 1 thread)"
+        )
+    return "\n".join(lines)
