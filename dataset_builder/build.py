@@ -5,13 +5,17 @@ import re
 from pathlib import Path
 
 import pyarrow as pa
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+import pyarrow.parquet as pq
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, SplitDict, SplitInfo, Value
+from datasets.info import DatasetInfosDict
+from huggingface_hub import DatasetCard, DatasetCardData
 
 from .persona import PersonaError, load_persona
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Words (apostrophes kept inside) and single punctuation marks: a stand-in for the word-level tokenizer built later.
 _TOKEN = re.compile(r"[\w']+|[^\w\s]")
+_SIZE_CATEGORIES = [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"), (float("inf"), "n>1M")]
 
 
 def features(persona):
@@ -56,20 +60,19 @@ def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
 
 def _distinct_pairs(persona, topic, n, rng, seen):
     """n conversations about `topic` that are new to `seen` (which they join): duplicates teach nothing."""
-    pairs, tries = [], 20 * n + 100
-    for _ in range(tries):
-        if len(pairs) == n:
-            return pairs
+    pairs, tries = [], 0
+    while len(pairs) < n:
+        tries += 1
+        if tries > 20 * n + 100:
+            raise PersonaError(
+                f"{persona.source.name}: {topic.field}: only {len(pairs)} distinct conversations about '{topic.name}' "
+                f"in {tries - 1} tries, {n} needed; add phrasings or replies, or ask for fewer samples"
+            )
         pair = persona.sample(topic, rng)
         if pair not in seen:
             seen.add(pair)
             pairs.append(pair)
-    if len(pairs) == n:
-        return pairs
-    raise PersonaError(
-        f"{persona.source}: {topic.field}: only {len(pairs)} distinct conversations about '{topic.name}' in {tries} "
-        f"tries, {n} needed; add phrasings or replies, or ask for fewer samples"
-    )
+    return pairs
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -106,7 +109,8 @@ def format_statistics(stats):
         lines.append(f"{topic:24s} " + " ".join(f"{counts[name]:6d}" for name in stats["splits"]))
     lines += [
         f"{'total':24s} " + " ".join(f"{n:6d}" for n in stats["splits"].values()),
-        f"unique inputs {stats['unique_inputs']:,}, outputs {stats['unique_outputs']:,}, pairs {stats['unique_pairs']:,}",
+        f"unique inputs {stats['unique_inputs']:,}, outputs {stats['unique_outputs']:,}, "
+        f"pairs {stats['unique_pairs']:,}",
         f"word-level vocabulary {stats['vocab_size']:,}",
         f"tokens per sample (words + punctuation): mean {stats['tokens_mean']:.1f}, "
         f"p99 {stats['tokens_p99']}, max {stats['tokens_max']}",
@@ -119,11 +123,6 @@ def format_statistics(stats):
 
 def save_dataset(dataset_dict, persona, output_dir):
     """Write data/{split}-00000-of-00001.parquet and a README.md dataset card that `load_dataset(output_dir)` reads."""
-    import pyarrow.parquet as pq
-    from datasets import DatasetInfo, SplitDict, SplitInfo
-    from datasets.info import DatasetInfosDict
-    from huggingface_hub import DatasetCard, DatasetCardData
-
     persona = load_persona(persona)
     output_dir = Path(output_dir)
     (output_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -149,7 +148,8 @@ def save_dataset(dataset_dict, persona, output_dir):
     splits = SplitDict()
     for name, split in dataset_dict.items():
         splits.add(SplitInfo(name=name, num_bytes=split.data.nbytes, num_examples=len(split)))
-    info = DatasetInfo(features=features(persona), splits=splits, dataset_size=sum(s.num_bytes for s in splits.values()))
+    size = sum(s.num_bytes for s in splits.values())
+    info = DatasetInfo(features=features(persona), splits=splits, dataset_size=size)
     DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
     train, first = dataset_dict["train"], {}  # the first train row of each topic, as its example
     for index, label in enumerate(train.select_columns(["topic"])[:]["topic"]):
@@ -164,8 +164,6 @@ def save_dataset(dataset_dict, persona, output_dir):
     )
     card.save(output_dir / "README.md")
 
-
-_SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (float("inf"), "n>1M")]
 
 
 def build_and_save(output_dir, persona="guppy", num_samples=None, test_size=None, seed=42):

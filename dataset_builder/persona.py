@@ -10,6 +10,7 @@ personas/_scaffold.yaml documents every field. Templates are plain text with two
 import random
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -56,7 +57,8 @@ def parse_template(text):
             elif len(alternatives[0]) == 1 and _POOL_NAME.fullmatch(alternatives[0][0]):
                 stack[-1][-1].append(Ref(alternatives[0][0]))
             else:
-                raise ValueError(f"'{{{''.join(map(str, alternatives[0]))}}}' is neither a pool name nor a choice with '|'")
+                inner = "".join(map(str, alternatives[0]))
+                raise ValueError(f"'{{{inner}}}' is neither a pool name nor a choice with '|'")
         elif token == "|":
             if len(stack) == 1:
                 raise ValueError("'|' outside braces")
@@ -128,6 +130,7 @@ class Persona:
     about: str  # a paragraph for the dataset card
     lowercase: bool
     max_words: int
+    max_sentences: int
     num_samples: int
     test_size: int
     openers: list  # parsed; put before the user's phrasing with probability opener_rate
@@ -136,8 +139,7 @@ class Persona:
     closer_rate: float
     capitalize_rate: float  # how often the user's first letter is a capital
     specs: dict  # topic name -> Topic, in pack order
-    source: str  # file name, for error messages
-    _patterns: object = None
+    source: Path  # the pack file
 
     @property
     def topics(self):
@@ -148,7 +150,7 @@ class Persona:
         return [(prompt, t.name, t.words) for t in self.specs.values() for prompt in t.eval]
 
     def sample(self, topic, rng):
-        """One (user input, reply) conversation about `topic`; PersonaError if the reply breaks the style rules."""
+        """One (user input, reply) about `topic`; PersonaError if its replies keep breaking the style rules."""
         pick = lambda templates: expand(rng.choice(templates), rng, topic.pools)
         user = pick(topic.ask)
         if self.openers and rng.random() < self.opener_rate:
@@ -158,15 +160,14 @@ class Persona:
         user = tidy(user)
         if rng.random() < self.capitalize_rate:
             user = user[:1].upper() + user[1:]
-        for _ in range(10):  # two draws from one pool can repeat a sentence ("i hide. i hide."): draw again
+        for _ in range(10):  # a draw may run long or repeat a sentence ("i hide. i hide."): draw again
             reply = tidy(pick(topic.replies))
             sentences = re.findall(r"[^.!?]+[.!?]", reply)
-            if len(set(sentences)) == len(sentences):
-                break
-        problem = self.style_problem(reply)
-        if problem:
-            raise PersonaError(f"{self.source}: {topic.field}.replies: a reply {problem}: {reply!r}")
-        return user, reply
+            repeats = len(set(sentences)) < len(sentences)
+            problem = self.style_problem(reply) or ("repeats a sentence" if repeats else None)
+            if problem is None:
+                return user, reply
+        raise PersonaError(f"{self.source.name}: {topic.field}.replies: a reply {problem}: {reply!r}")
 
     def style_problem(self, reply):
         """Why `reply` breaks the pack's style rules, or None."""
@@ -177,6 +178,9 @@ class Persona:
             return "is not lowercase"
         if not 1 <= words <= self.max_words:
             return f"has {words} words (style.max_words is {self.max_words})"
+        sentences = len(re.findall(r"[.!?]+", reply))
+        if sentences > self.max_sentences:
+            return f"has {sentences} sentences (style.max_sentences is {self.max_sentences})"
         if reply[-1] not in ".!?":
             return "does not end with . ! or ?"
         return None
@@ -187,10 +191,11 @@ class Persona:
 
     def producible(self, text):
         """Whether some topic's phrasings can produce `text` (ignoring case and spaces): then it is not held out."""
-        if self._patterns is None:  # one regex over all phrasings; built on first use (it takes a moment)
-            frames = [regex(self.wrap(frame), t.pools) for t in self.specs.values() for frame in t.ask]
-            self._patterns = re.compile("|".join(frames))
-        return self._patterns.fullmatch("".join(text.lower().split())) is not None
+        return self._user_pattern.fullmatch("".join(text.lower().split())) is not None
+
+    @cached_property
+    def _user_pattern(self):  # one regex over every phrasing of every topic; compiling it takes a second
+        return re.compile("|".join(regex(self.wrap([Choice(t.ask)]), t.pools) for t in self.specs.values()))
 
 
 def load_persona(name_or_path):
@@ -202,14 +207,14 @@ def load_persona(name_or_path):
         path = PERSONA_DIR / f"{name_or_path}.yaml"
         if str(name_or_path).startswith("_") or not path.is_file():
             shipped = ", ".join(list_personas(describe=False))
-            raise PersonaError(f"unknown persona '{name_or_path}': shipped packs are {shipped}; or give a path to a .yaml file")
+            raise PersonaError(f"unknown persona '{name_or_path}': shipped packs are {shipped}, or give a .yaml path")
     if not path.is_file():
         raise PersonaError(f"{path}: no such file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
-    return _validate(data, path.name)
+    return _validate(data, path.resolve())
 
 
 def list_personas(describe=True):
@@ -218,11 +223,11 @@ def list_personas(describe=True):
     return {p.stem: load_persona(p).description if describe else "" for p in paths}
 
 
-def _validate(data, source):
+def _validate(data, path):
     """Check every field of a parsed pack file and build the Persona; PersonaError on the first problem."""
 
     def fail(field, problem):
-        raise PersonaError(f"{source}: {field}: {problem}")
+        raise PersonaError(f"{path.name}: {field}: {problem}")
 
     def section(data, field, required, optional=()):
         """A mapping with exactly the required keys and maybe the optional ones (catches typos)."""
@@ -275,12 +280,14 @@ def _validate(data, source):
     name = typed(data["name"], "name", str)
     if not _NAME.fullmatch(name):
         fail("name", f"must be lowercase letters, digits, - and _, starting with a letter, not {name!r}")
-    style = section(data["style"], "style", ("lowercase", "max_words"))
+    style = section(data["style"], "style", ("lowercase", "max_words"), ("max_sentences",))
     if not isinstance(style["lowercase"], bool):
         fail("style.lowercase", "must be true or false")
     defaults = section(data["defaults"], "defaults", ("num_samples", "test_size"))
     num_samples = typed(defaults["num_samples"], "defaults.num_samples", int, 1)
-    user = section(data.get("user", {}), "user", (), ("openers", "closers", "opener_rate", "closer_rate", "capitalize_rate"))
+    user_keys = ("frames", "openers", "closers")
+    user = section(data.get("user", {}), "user", (), (*user_keys, "opener_rate", "closer_rate", "capitalize_rate"))
+    user_templates = {key: templates(user[key], f"user.{key}") if key in user else [] for key in user_keys}
     shared = pools(data.get("pools", {}), "pools")
 
     if not isinstance(data["topics"], list) or not data["topics"]:
@@ -289,55 +296,49 @@ def _validate(data, source):
     for i, raw in enumerate(data["topics"]):
         field = f"topics[{i}]"
         section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools",))
-        topic = Topic(
-            name=typed(raw["name"], f"{field}.name", str),
-            words=frozenset(strings(raw["words"], f"{field}.words")),
-            ask=templates(raw["ask"], f"{field}.ask"),
-            replies=templates(raw["replies"], f"{field}.replies"),
-            eval=strings(raw["eval"], f"{field}.eval"),
-            pools={**shared, **pools(raw.get("pools", {}), f"{field}.pools")},
-            field=field,
-        )
-        if topic.name in specs:
-            fail(f"{field}.name", f"duplicate topic '{topic.name}'")
-        for word in sorted(topic.words):
+        topic = typed(raw["name"], f"{field}.name", str)
+        if topic in specs:
+            fail(f"{field}.name", f"duplicate topic '{topic}'")
+        words = frozenset(strings(raw["words"], f"{field}.words"))
+        for word in sorted(words):
             if not re.fullmatch(r"[a-z0-9']+", word):
                 fail(f"{field}.words", f"{word!r} is not one lowercase word")
-        for key in ("ask", "replies"):  # every slot must resolve to a pool
-            for j, parts in enumerate(getattr(topic, key)):
-                try:
-                    count(parts, topic.pools)
-                except ValueError as error:
-                    fail(f"{field}.{key}[{j}]", str(error))
-        specs[topic.name] = topic
+        ask, replies = templates(raw["ask"], f"{field}.ask"), templates(raw["replies"], f"{field}.replies")
+        scope = {**shared, **pools(raw.get("pools", {}), f"{field}.pools")}
+        # every slot must resolve to a pool in the topic's scope, the pack's shared user templates included
+        places = [(f"{field}.ask[{j}]", t) for j, t in enumerate(ask)]
+        places += [(f"{field}.replies[{j}]", t) for j, t in enumerate(replies)]
+        for key, shared_templates in user_templates.items():
+            places += [(f"user.{key}[{j}] (in topic '{topic}')", t) for j, t in enumerate(shared_templates)]
+        for place, parts in places:
+            try:
+                count(parts, scope)
+            except ValueError as error:
+                fail(place, str(error))
+        eval_prompts = strings(raw["eval"], f"{field}.eval")
+        specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, scope, field)
 
-    persona = Persona(
+    description = typed(data["description"], "description", str)
+    if "\n" in description.strip():
+        fail("description", "must be one line")
+    return Persona(
         name=name,
         display_name=typed(data["display_name"], "display_name", str),
-        description=typed(data["description"], "description", str),
-        about=typed(data.get("about", data["description"]), "about", str).strip(),
+        description=description,
+        about=typed(data.get("about", description), "about", str).strip(),
         lowercase=style["lowercase"],
         max_words=typed(style["max_words"], "style.max_words", int, 1),
+        max_sentences=typed(style.get("max_sentences", 1_000), "style.max_sentences", int, 1),
         num_samples=num_samples,
         test_size=typed(defaults["test_size"], "defaults.test_size", int, 0, num_samples - 1),
-        openers=templates(user["openers"], "user.openers") if "openers" in user else [],
-        closers=templates(user["closers"], "user.closers") if "closers" in user else [],
+        openers=user_templates["openers"],
+        closers=user_templates["closers"],
         opener_rate=typed(user.get("opener_rate", 0.0), "user.opener_rate", float, 0, 1),
         closer_rate=typed(user.get("closer_rate", 0.0), "user.closer_rate", float, 0, 1),
         capitalize_rate=typed(user.get("capitalize_rate", 0.0), "user.capitalize_rate", float, 0, 1),
         specs=specs,
-        source=source,
+        source=path,
     )
-    if "\n" in persona.description.strip():
-        fail("description", "must be one line")
-    for key in ("openers", "closers"):
-        for topic in specs.values():
-            for j, parts in enumerate(getattr(persona, key)):
-                try:
-                    count(parts, topic.pools)
-                except ValueError as error:
-                    fail(f"user.{key}[{j}]", f"{error} (in topic '{topic.name}')")
-    return persona
 
 
 def check_persona(name_or_path, samples_per_topic=100):
@@ -345,10 +346,11 @@ def check_persona(name_or_path, samples_per_topic=100):
     persona = load_persona(name_or_path)
     rng = random.Random(0)
     lines = [
-        f"{persona.name} ({persona.source}): {persona.description}",
-        f"style: {'lowercase, ' if persona.lowercase else ''}1 to {persona.max_words} words per reply; "
+        f"{persona.name} ({persona.source.name}): {persona.description}",
+        f"style: {'lowercase, ' if persona.lowercase else ''}1 to {persona.max_words} words per reply"
+        + (f" in at most {persona.max_sentences} sentences" if persona.max_sentences < 1_000 else "") + "; "
         f"defaults: {persona.num_samples:,} conversations, {persona.test_size:,} of them for test",
-        f"{'topic':24s} {'phrasings':>9s} {'user inputs':>13s} {'replies':>7s} {'distinct':>13s} {'eval':>4s}",
+        f"{'topic':20s} {'phrasings':>9s} {'user inputs':>15s} {'replies':>7s} {'reply texts':>11s} {'eval':>4s}",
     ]
     totals = [0, 0, 0]  # user inputs, replies, conversations
     for topic in persona.specs.values():
@@ -358,16 +360,18 @@ def check_persona(name_or_path, samples_per_topic=100):
         replies = sum(count(reply, topic.pools) for reply in topic.replies)
         totals = [totals[0] + inputs, totals[1] + replies, totals[2] + inputs * replies]
         lines.append(
-            f"{topic.name:24s} {len(topic.ask):9d} {inputs:13,d} {len(topic.replies):7d} {replies:13,d} {len(topic.eval):4d}"
+            f"{topic.name:20s} {len(topic.ask):9d} {inputs:15,d} "
+            f"{len(topic.replies):7d} {replies:11,d} {len(topic.eval):4d}"
         )
     cases = persona.eval_cases()
     producible = [prompt for prompt, _, _ in cases if persona.producible(prompt)]
     lines += [
         f"{len(persona.topics)} topics; estimated distinct user inputs {totals[0]:,}, replies {totals[1]:,}, "
-        f"conversations {totals[2]:,}",
+        f"conversations {totals[2]:,} (upper bounds: different choices can give the same text)",
         f"{samples_per_topic} sampled conversations per topic follow the style rules",
         f"{len(cases)} eval prompts; "
-        + (f"{len(producible)} are not held out (the phrasings can produce them): {producible}" if producible else "none of them can be produced by the phrasings"),
+        + (f"{len(producible)} are NOT held out, the phrasings can produce them: {producible}" if producible else
+           "none of them can be produced by the phrasings"),
     ]
     return "\n".join(lines)
 
@@ -380,7 +384,7 @@ def scaffold_persona(name, output=None):
     if path.exists():
         raise PersonaError(f"{path}: already exists; choose another --output")
     text = SCAFFOLD.read_text(encoding="utf-8").replace("__name__", name).replace("__Name__", name.capitalize())
-    _validate(yaml.safe_load(text), path.name)  # the scaffold must stay valid
+    _validate(yaml.safe_load(text), path)  # the scaffold must stay valid
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path

@@ -37,15 +37,18 @@ def hardware_name(device):
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def write_model_card(output_dir, summary, results, repo_id=None):
-    """README.md for the model folder, from the top-level model_card.md template."""
+def write_model_card(output_dir, summary, repo_id=None):
+    """README.md for the model folder, from the top-level model_card.md template and the training summary.
+
+    The usage snippet loads `repo_id` when the card is rendered for a push, else the folder itself.
+    """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(output_dir)
     name = f"GuppyLM {summary['preset']} ({summary['persona']})"
     eval_results, eval_summary = None, "Not evaluated (trained with --no-eval)."
-    if results:
-        s = results["scores"]
+    s = summary.get("eval")
+    if s:
         eval_results = [
             EvalResult(
                 task_type="text-generation",
@@ -69,7 +72,7 @@ def write_model_card(output_dir, summary, results, repo_id=None):
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["guppylm", "tiny", "from-scratch", "word-level", "custom_code"],
-        datasets=[summary["dataset"]] if "/" in str(summary["dataset"]) and not Path(summary["dataset"]).exists() else None,
+        datasets=[summary["dataset"]] if summary.get("dataset_is_hub_repo") else None,
         model_name=name,
         eval_results=eval_results,
     )
@@ -78,7 +81,7 @@ def write_model_card(output_dir, summary, results, repo_id=None):
         template_path=str(TEMPLATE),
         model_name=name,
         display_name=summary["persona"].capitalize(),
-        repo_id=repo_id or "PATH_OR_REPO_ID",
+        repo_id=repo_id or str(output_dir),
         hardware=hardware_name(summary["device"]),
         eval_summary=eval_summary,
         **{k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings", "vocab_size")},

@@ -7,10 +7,12 @@ from `model.generate` with the KV cache.
 import os
 import sys
 from pathlib import Path
-from threading import Thread
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from guppylm.errors import HubError, hub_errors
 
 DEFAULT_MODEL = "runs/guppy"  # where `make demo` / `guppylm train` put the model
 
@@ -39,12 +41,15 @@ def load_model(name_or_path=None, device="cpu"):
             raise FileNotFoundError(f"{name_or_path!r} is not a complete model folder: missing {', '.join(missing)}")
     logging.disable_progress_bar()
     try:
-        config_dict, _ = GuppyConfig.get_config_dict(name_or_path)  # plain JSON, no code involved
-        if config_dict.get("model_type") != GuppyConfig.model_type:
-            raise ValueError(f"its config describes a {config_dict.get('model_type')!r} model, not a {GuppyConfig.model_type!r} one")
-        config = GuppyConfig.from_dict(config_dict)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, use_safetensors=True)
+        with hub_errors(name_or_path):  # a repo id: "not found on <endpoint>", "not in the cache", ...
+            config_dict, _ = GuppyConfig.get_config_dict(name_or_path)  # plain JSON, no code involved
+            if config_dict.get("model_type") != GuppyConfig.model_type:
+                raise ValueError(f"its config describes a {config_dict.get('model_type')!r} model, not a {GuppyConfig.model_type!r} one")
+            config = GuppyConfig.from_dict(config_dict)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, use_safetensors=True)
+    except HubError:
+        raise
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(f"cannot load the model {name_or_path!r}: {reason}") from error
@@ -90,18 +95,40 @@ def prompt_budget(model, max_new_tokens):
     return max(model.config.max_position_embeddings - max_new_tokens, 8)
 
 
+def stream_generation(tokenizer, run):
+    """Call `run(streamer)` on a worker thread; yield (text so far, None) as tokens arrive, then (text, its result).
+
+    `run` calls `model.generate(..., streamer=streamer)`; an exception in it is raised here, in the caller.
+    """
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def work():
+        try:
+            return run(streamer)
+        finally:
+            streamer.end()  # wakes the reader below even if generate failed (a second end() is harmless)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(work)
+        text = ""
+        for piece in streamer:
+            if piece:  # the streamer also sends empty strings (the skipped prompt, held-back text)
+                text += piece
+                yield text, None
+        yield text, job.result()
+
+
 def stream_reply(model, tokenizer, message, **generate_kwargs):
     """Yield the reply's text as it grows, one decoded token at a time."""
     input_ids, _ = encode_prompt(tokenizer, message, prompt_budget(model, generate_kwargs.get("max_new_tokens")))
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=input_ids.to(model.device), attention_mask=torch.ones_like(input_ids).to(model.device))
-    thread = Thread(target=model.generate, kwargs=dict(kwargs, streamer=streamer, **generate_kwargs), daemon=True)
-    thread.start()
-    reply = ""
-    for piece in streamer:
-        reply += piece
-        yield reply
-    thread.join()
+    input_ids = input_ids.to(model.device)
+
+    def run(streamer):
+        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **generate_kwargs)
+
+    for text, done in stream_generation(tokenizer, run):
+        if done is None:
+            yield text
 
 
 def chat(model_name=None, prompt=None, seed=None, explain=False, **options):

@@ -86,7 +86,7 @@ def _train(args):
 def _chat(args):
     from guppylm.chat import chat
 
-    if sys.stdin is not None:
+    if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 from a pipe becomes U+FFFD, not a crash
     chat(
         model_name=args.model,
@@ -167,6 +167,38 @@ def add_hub_commands(sub):
     space_push.set_defaults(func=_space_push)
 
 
+# --- export and the browser page ------------------------------------------------------------------
+
+
+def _export_onnx(args):
+    from guppylm.export import describe, export_onnx
+
+    print(describe(export_onnx(args.model, args.output_dir, quantize_int8=args.quantize)))
+
+
+def _serve_web(args):
+    from guppylm.web import serve_web
+
+    serve_web(args.model, port=args.port, bundle_dir=args.output_dir, force=args.force)
+
+
+def add_export_commands(sub):
+    export = sub.add_parser("export", help="export a trained model for other runtimes")
+    export = export.add_subparsers(dest="action", required=True)
+    onnx = export.add_parser("onnx", help="ONNX with the KV cache, verified against PyTorch: the browser page's model")
+    onnx.add_argument("--model", required=True, help="folder written by `guppylm train`")
+    onnx.add_argument("--output-dir", required=True)
+    onnx.add_argument("--quantize", action="store_true", help="also write model_int8.onnx (dynamic int8 weights)")
+    onnx.set_defaults(func=_export_onnx)
+
+    web = sub.add_parser("serve-web", help="export a model and serve the in-browser chat page on 127.0.0.1")
+    web.add_argument("--model", default=None, help="model folder (default: $GUPPYLM_MODEL or runs/guppy)")
+    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--output-dir", default=None, help="where the exported model goes (default: space/web/model)")
+    web.add_argument("--force", action="store_true", help="export again even if the last export is up to date")
+    web.set_defaults(func=_serve_web)
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 
@@ -176,6 +208,7 @@ def build_parser():
     add_dataset_commands(sub)
     add_model_commands(sub)
     add_hub_commands(sub)
+    add_export_commands(sub)
     return parser
 
 

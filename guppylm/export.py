@@ -19,8 +19,10 @@ The export checks itself before it returns: logits along whole replies, fed one 
 cache, match PyTorch's; greedy replies decoded with ONNX Runtime are token-for-token those of `model.generate`.
 """
 
+import importlib.util
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +46,7 @@ VERIFY_PROMPTS = [
     "do you like bubbles? i like bubbles!",
     "what is a smartphone, little fish?",
 ]
-# fp32 ONNX Runtime and PyTorch run the same arithmetic in a different order: differences stay near 1e-6.
+# fp32 ONNX Runtime and PyTorch run the same arithmetic in a different order; measured differences are 1e-6 to 1e-5.
 FP32_ATOL = 1e-4
 
 
@@ -94,17 +96,21 @@ def export_graph(model, path):
     T_past, T_total = torch.export.Dim("past_sequence_length"), torch.export.Dim("total_sequence_length")
     dynamic_shapes = ({0: B, 1: T}, {0: B, 1: T_total}, {0: B, 1: T}, tuple({0: B, 2: T_past} for _ in past_kv))
     input_names, output_names = io_names(config.num_hidden_layers)
-    torch.onnx.export(
-        FlatCacheGuppy(model).eval(),
-        example,
-        str(path),
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_shapes=dynamic_shapes,
-        dynamo=True,
-        external_data=False,  # one self-contained file: the page fetches it in one request
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # the exporter warns about its own internals (one Dim shared by several inputs, deprecated pytree
+        # classes); nothing to act on, and verify() is what proves the graph right
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            FlatCacheGuppy(model).eval(),
+            example,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            external_data=False,  # one self-contained file: the page fetches it in one request
+            verbose=False,
+        )
 
 
 def quantize(fp32_path, int8_path):
@@ -221,36 +227,42 @@ def save_tokenizer_and_configs(model, tokenizer, output_dir):
     missing = [key for key in ("chat_template", "unk_token") if not config.get(key)]
     if missing:
         raise ValueError(f"tokenizer_config.json lacks {', '.join(missing)}; the browser tokenizer needs them")
-    model.config.save_pretrained(output_dir)
+    model.config.to_json_file(output_dir / "config.json")  # without the modeling code save_pretrained copies along
     model.generation_config.save_pretrained(output_dir)
 
 
 def export_onnx(model_dir, output_dir, quantize_int8=False, prompts=VERIFY_PROMPTS, max_new_tokens=None):
     """Export, verify and describe; returns the report dict. Raises RuntimeError when fp32 ONNX != PyTorch."""
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"exporting needs {', '.join(missing)}: pip install 'guppylm[export]'")
+    model, tokenizer = load_model(str(model_dir))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(str(model_dir))
 
     started = time.perf_counter()
     export_graph(model, output_dir / FP32_FILE)
     if quantize_int8:
         quantize(output_dir / FP32_FILE, output_dir / INT8_FILE)
+    else:
+        (output_dir / INT8_FILE).unlink(missing_ok=True)  # an earlier export's, which no longer matches
     export_seconds = time.perf_counter() - started
     save_tokenizer_and_configs(model, tokenizer, output_dir)
 
     files = [FP32_FILE, INT8_FILE] if quantize_int8 else [FP32_FILE]
     checks = [verify(model, tokenizer, output_dir / name, prompts, max_new_tokens) for name in files]
+    # int8 is reported, not enforced: rounding the weights may flip a near-tie between two tokens
+    fp32 = checks[0]
     report = {
         "source": str(model_dir),
+        "verified": fp32.max_abs_logit_diff <= FP32_ATOL and fp32.exact,
         "export_seconds": round(export_seconds, 2),
         "fp32_atol": FP32_ATOL,
         "prompts": prompts,
         "files": {check.file: asdict(check) for check in checks},
     }
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-
-    fp32 = checks[0]
-    if fp32.max_abs_logit_diff > FP32_ATOL or not fp32.exact:
+    if not report["verified"]:
         raise RuntimeError(
             f"ONNX export does not match PyTorch: max |logit diff| {fp32.max_abs_logit_diff:.2e} "
             f"(allowed {FP32_ATOL:.0e}), identical greedy replies {fp32.greedy_identical}/{fp32.prompts}; "
@@ -265,6 +277,7 @@ def describe(report):
     for check in report["files"].values():
         lines.append(
             f"{check['file']:16s} {check['bytes'] / 1e6:6.2f} MB | max |logit diff| {check['max_abs_logit_diff']:.1e} | "
-            f"greedy identical {check['greedy_identical']}/{check['prompts']} | {check['ms_per_token']:.2f} ms/token (ORT, 1 thread)"
+            f"greedy identical {check['greedy_identical']}/{check['prompts']} | "
+            f"{check['ms_per_token']:.2f} ms/token (ORT, 1 thread)"
         )
     return "\n".join(lines)

@@ -7,84 +7,23 @@ already take a repo id; `hub_errors` only turns their failures into one line tha
 """
 
 import shutil
-import sys
 import tempfile
-from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
-# What a model folder from `guppylm train` must hold to load on the Hub; the rest (generation config,
-# model card, loss curve) is published when present.
-MODEL_REQUIRED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+from guppylm.chat import MODEL_FILES as MODEL_REQUIRED
+from guppylm.errors import HubError, hub_errors
+
+# A model folder must hold MODEL_REQUIRED (what `load_model` needs); the rest (generation config, model card,
+# loss curve) is published when present.
 MODEL_FILES = ["*.safetensors", "*.json", "*.py", "*.md", "*.png", "*.jinja", "*.txt"]  # top level only; never .env
 SPACE_REQUIRED = ["app.py", "README.md", "requirements.txt"]
-SPACE_SKIP = ["node_modules", "__pycache__", ".*", "*.pyc", "*.log", "flagged"]  # build and run leftovers
-SPACE_DIR = Path(__file__).resolve().parents[1] / "space"  # guppylm/hub.py -> the checkout's space/
+# Build and run leftovers kept out of the Space: names at any depth, or paths from the folder's root
+# (web/vendor and web/model are what `guppylm serve-web` generates for the browser page).
+SPACE_SKIP = ["node_modules", "__pycache__", ".*", "*.pyc", "*.log", "flagged", "web/vendor", "web/model"]
+PACKAGE_DIR = Path(__file__).resolve().parent  # app.py imports guppylm, so the Space gets a copy
+SPACE_DIR = PACKAGE_DIR.parent / "space"  # the checkout's space/
 SPACE_MODEL_VARIABLE = "GUPPYLM_MODEL"  # app.py loads the model named by this Space variable
-
-
-class HubError(RuntimeError):
-    """A Hub operation failed; the message is one line, safe to print (it never holds the token)."""
-
-
-# --- errors -----------------------------------------------------------------------------------------
-
-
-def _causes(error):
-    """The error and the ones it was raised from, outermost first."""
-    seen = []
-    while error is not None and error not in seen:
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return seen
-
-
-def _explain(error, repo_id, repo_type):
-    """One line for a failure anywhere under huggingface_hub / transformers / datasets, or None."""
-    from httpx2 import TransportError
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        LocalTokenNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    datasets_errors = sys.modules.get("datasets.exceptions")  # only an imported datasets can have raised
-    not_found = (RepositoryNotFoundError, *([datasets_errors.DatasetNotFoundError] if datasets_errors else []))
-    network = (TransportError, ConnectionError, TimeoutError, LocalEntryNotFoundError)  # incl. OfflineModeIsEnabled
-    where = f"{repo_type} repository '{repo_id}'"
-    for cause in _causes(error):  # outermost first: the first one we recognise is the most specific
-        if isinstance(cause, LocalTokenNotFoundError):
-            return "no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`"
-        if isinstance(cause, RevisionNotFoundError):
-            return f"revision not found in {where} on {constants.ENDPOINT}"
-        if isinstance(cause, not_found):
-            return f"{where} not found on {constants.ENDPOINT} (check the id, and that your token can see it)"
-        if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code in (401, 403):
-            if cause.response.status_code == 401:
-                return f"the Hub at {constants.ENDPOINT} rejected the token (401): check --token, HF_TOKEN or `hf auth login`"
-            return f"the token may not write to {where} (403): it needs write access to that namespace"
-    for cause in _causes(error):
-        if isinstance(cause, network) and constants.HF_HUB_OFFLINE:
-            return f"HF_HUB_OFFLINE=1 and {where} is not in the cache ({constants.HF_HUB_CACHE}); go online once to download it"
-        if isinstance(cause, network):
-            return f"cannot reach the Hub at {constants.ENDPOINT} ({type(cause).__name__}); check the network, or set HF_HUB_OFFLINE=1 to use the cache"
-    return None
-
-
-@contextmanager
-def hub_errors(repo_id, repo_type="model"):
-    """Re-raise Hub failures as a one-line HubError; chat and train wrap `from_pretrained` / `load_dataset` in it."""
-    try:
-        yield
-    except HubError:
-        raise
-    except Exception as error:
-        message = _explain(error, repo_id, repo_type)
-        if message is None:
-            raise
-        raise HubError(message) from None  # `from None`: the chained traceback would only repeat the URL
 
 
 def _api(token):
@@ -95,6 +34,16 @@ def _api(token):
     if token is None and get_token() is None:  # fail before any upload, not on the first 401
         raise HubError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
     return HfApi(token=token, library_name="guppylm")
+
+
+def _skip(root):
+    """A copytree `ignore` for SPACE_SKIP."""
+
+    def ignore(directory, names):
+        where = Path(directory).relative_to(root)
+        return [name for name in names if any(fnmatch(name, p) or fnmatch((where / name).as_posix(), p) for p in SPACE_SKIP)]
+
+    return ignore
 
 
 def _require(folder, names, what):
@@ -120,23 +69,29 @@ def push_model(model_dir, repo_id, private=False, token=None, revision=None):
 
     from huggingface_hub import ModelCard
 
+    from guppylm.card import write_model_card
+
     folder = _require(model_dir, MODEL_REQUIRED, "model")
+    # auto_map names the remote code: "modeling_guppylm.GuppyForCausalLM" needs modeling_guppylm.py next to the weights
     auto_map = json.loads((folder / "config.json").read_text()).get("auto_map", {})
-    code = sorted({ref.split("--")[-1].split(".")[0] + ".py" for refs in auto_map.values() for ref in ([refs] if isinstance(refs, str) else refs) if ref})
-    _require(folder, code, "model")  # auto_map points at these; without them trust_remote_code fails on the Hub
+    refs = [ref for value in auto_map.values() for ref in (value if isinstance(value, list) else [value]) if ref]
+    _require(folder, sorted({ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs}), "model")
 
     api = _api(token)
-    with hub_errors(repo_id):
-        if (folder / "README.md").is_file():  # the Hub checks the card's metadata, so a bad card fails before the upload
-            ModelCard.load(folder / "README.md").validate(repo_type="model")
+    names = [path.name for path in folder.iterdir() if path.is_file() and any(path.match(pattern) for pattern in MODEL_FILES)]
+    with tempfile.TemporaryDirectory() as staging, hub_errors(repo_id):
+        for name in names:
+            shutil.copy2(folder / name, staging)
+        if (folder / "training_summary.json").is_file():  # re-render the card so its usage snippet names this repo
+            write_model_card(staging, json.loads((folder / "training_summary.json").read_text()), repo_id=repo_id)
+        if (Path(staging) / "README.md").is_file():  # the Hub checks the card's metadata: a bad card fails before the upload
+            ModelCard.load(Path(staging) / "README.md").validate(repo_type="model")
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        names = [path.name for path in folder.iterdir() if path.is_file() and any(path.match(pattern) for pattern in MODEL_FILES)]
         commit = api.upload_folder(
             repo_id=repo_id,
-            folder_path=folder,
-            allow_patterns=names,  # exact top-level names: no checkpoints, no dotfiles
+            folder_path=staging,
             delete_patterns=["*.safetensors", "*.safetensors.index.json"],
             revision=revision,
             commit_message="Upload GuppyLM model",
@@ -174,10 +129,11 @@ def push_dataset(dataset_dir, repo_id, private=False, token=None, revision=None)
 
 
 def push_space(model_repo_id, repo_id, private=False, token=None, revision=None, space_dir=SPACE_DIR):
-    """Upload `space/` as a Gradio Space that chats with `model_repo_id`.
+    """Upload `space/` and the guppylm package it imports as a Gradio Space that chats with `model_repo_id`.
 
     The card's `models:` links the Space to the model on the Hub; the Space variable GUPPYLM_MODEL tells
-    app.py which model to load (set at creation, and updated on every push).
+    app.py which model to load (set at creation, and updated on every push). The Space mirrors the folder:
+    files deleted here are deleted there.
     """
     from huggingface_hub import SpaceCard
 
@@ -192,9 +148,12 @@ def push_space(model_repo_id, repo_id, private=False, token=None, revision=None,
     variable = {"key": SPACE_MODEL_VARIABLE, "value": model_repo_id}
     with hub_errors(repo_id, "space"), tempfile.TemporaryDirectory() as staging:
         card.validate(repo_type="space")  # asks the Hub, so a bad Space config fails before the upload
-        staged = Path(shutil.copytree(folder, Path(staging) / "space", ignore=shutil.ignore_patterns(*SPACE_SKIP)))
+        staged = Path(shutil.copytree(folder, Path(staging) / "space", ignore=_skip(folder)))
+        shutil.copytree(PACKAGE_DIR, staged / "guppylm", ignore=_skip(PACKAGE_DIR))
         card.save(staged / "README.md")
-        url = api.create_repo(repo_id, repo_type="space", space_sdk=card.data.sdk, private=private, exist_ok=True, space_variables=[variable])
+        url = api.create_repo(
+            repo_id, repo_type="space", space_sdk=card.data.sdk, private=private, exist_ok=True, space_variables=[variable]
+        )
         api.add_space_variable(repo_id, **variable)  # create_repo sets it only for a new Space
         if revision:
             api.create_branch(repo_id, repo_type="space", branch=revision, exist_ok=True)
@@ -202,7 +161,7 @@ def push_space(model_repo_id, repo_id, private=False, token=None, revision=None,
             repo_id=repo_id,
             repo_type="space",
             folder_path=staged,
-            delete_patterns="*",  # the Space mirrors space/ (huggingface_hub keeps .gitattributes)
+            delete_patterns="*",  # huggingface_hub keeps .gitattributes
             revision=revision,
             commit_message=f"Deploy GuppyLM Space for {model_repo_id}",
         )

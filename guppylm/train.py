@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
 from guppylm.configuration_guppylm import PRESETS, GuppyConfig
+from guppylm.errors import hub_errors
 from guppylm.modeling_guppylm import GuppyForCausalLM
 from guppylm.tokenizer import build_tokenizer, conversation_texts
 
@@ -44,7 +45,8 @@ def load_conversations(dataset=None, persona="guppy", seed=42):
     """A DatasetDict with train/test splits: a local folder, a Hub repo id, or (None) the persona's default build."""
     from datasets import DatasetDict, load_dataset
 
-    data = load_dataset(str(dataset) if dataset is not None else str(default_dataset(persona, seed)))
+    with hub_errors(str(dataset), "dataset"):
+        data = load_dataset(str(dataset) if dataset is not None else str(default_dataset(persona, seed)))
     if not isinstance(data, DatasetDict) or "train" not in data:
         raise ValueError(f"dataset {dataset!r} has no 'train' split")
     for split in data.values():
@@ -365,7 +367,8 @@ def train(
         weight_decay=weight_decay,
         unk_rate=unk_rate,
         seed=seed,
-        dataset=dataset or f"built in: dataset_builder persona {persona!r}",
+        dataset=str(dataset) if dataset else f"built in: dataset_builder persona {persona!r}",
+        dataset_is_hub_repo=dataset is not None and not Path(dataset).exists(),
         train_samples=len(train_set),
     )
     accelerator.wait_for_everyone()
@@ -399,9 +402,10 @@ def save_model_folder(model, tokenizer, output_dir, summary, history, started, r
         from guppylm.evaluate import evaluate_model
 
         results = evaluate_model(model.eval(), tokenizer, persona=summary["persona"])
+        summary["eval"] = results["scores"]
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
-    Path(output_dir, "training_summary.json").write_text(json.dumps({**summary, "eval": results and results["scores"]}, indent=2))
-    write_model_card(output_dir, summary, results)
+    Path(output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
+    write_model_card(output_dir, summary)
     print(
         f"done | {summary['steps']} steps | {summary['tokens']:,} tokens | {summary['train_seconds']} s training, "
         f"{summary['total_seconds']} s total | {summary['tokens_per_second']:,} tokens/s | "

@@ -8,6 +8,7 @@ uploads this folder together with the guppylm package and sets GUPPYLM_MODEL as 
 Everything the page needs is served by this process (analytics off, system fonts), so it works offline.
 """
 
+import html
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +18,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 try:
     import gradio as gr
+    from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
 except ImportError as error:
     sys.exit(f"the Space needs gradio and matplotlib ({error}): pip install 'guppylm[space]'")
 from transformers import TextIteratorStreamer
 
 from guppylm.chat import default_model, generation_kwargs, load_model
-from guppylm.explain import architecture, explain
+from guppylm.explain import TOP_CANDIDATES, architecture, explain
 
 MAX_MESSAGE_CHARS = 1000  # more than any context holds; encode_prompt then keeps the end that fits
 CONCURRENCY = 4  # generations running at once; the queue holds the rest
@@ -37,7 +39,7 @@ EXAMPLES = [
     "what is the meaning of life?",
     "goodbye, little fish",
 ]
-KIND_COLORS = {"word": "#dbeafe", "unknown": "#fca5a5", "special": "#d1d5db"}
+KIND_COLORS = {"word": "#2563eb", "unknown": "#dc2626", "special": "#6b7280"}  # dark enough for the white id tags
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
@@ -77,13 +79,6 @@ def about_markdown(model, name_or_path):
     return "\n\n".join(lines)
 
 
-def architecture_rows(model):
-    arch = architecture(model)
-    shape = [[name, f"{arch[name]:,}"] for name in ("layers", "heads", "hidden size", "feed-forward size", "context", "vocabulary")]
-    params = [[f"parameters: {name}", f"{count:,}"] for name, count in arch["parameters by component"].items()]
-    return shape + params + [["parameters: total", f"{arch['parameters']:,}"]]
-
-
 # --- rendering the "Inside Guppy" view --------------------------------------------------------------
 
 
@@ -95,10 +90,15 @@ def highlighted(tokens):
 
 def steps_rows(explanation):
     """One row per generated token; the drawn token is bold wherever it appears among the candidates."""
+
+    def cell(token, bold=False):
+        text = html.escape(token.text)  # "<pad>" would otherwise be read as an HTML tag and vanish
+        return f"**{text}**" if bold else text
+
     rows = []
     for number, step in enumerate(explanation.steps, 1):
-        cells = [f"**{t.text}** {p:.0%}" if t.id == step.chosen.id else f"{t.text} {p:.0%}" for t, p in step.candidates]
-        rows.append([number, f"**{step.chosen.text}**", f"{step.probability:.1%}", *cells, *[""] * (5 - len(cells))])
+        cells = [f"{cell(t, t.id == step.chosen.id)} {p:.1%}" for t, p in step.candidates]
+        rows.append([number, cell(step.chosen, True), f"{step.probability:.1%}", *cells, *[""] * (TOP_CANDIDATES - len(cells))])
     return rows
 
 
@@ -108,7 +108,7 @@ def attention_figure(explanation, layer, head):
     weights = explanation.attentions[layer, head].numpy()  # (T, T)
     fig = Figure(figsize=(7.5, 6.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(weights, cmap="Blues", vmin=0, vmax=1)
+    image = ax.imshow(weights, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1))  # sqrt scale: small weights stay visible
     fontsize = max(4, min(9, 420 // len(tokens)))
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=fontsize)
     ax.set_yticks(range(len(tokens)), tokens, fontsize=fontsize)
@@ -124,7 +124,7 @@ def show_inside(last):
     explanation, settings = last
     caption = (
         f"**The last reply, token by token** ({len(explanation.prompt)} prompt tokens, {len(explanation.completion)} "
-        f"generated; {settings}). Each step shows the five most likely next tokens and the one drawn, in bold."
+        f"generated; {settings}). Each step shows the {TOP_CANDIDATES} most likely next tokens and the one drawn, in bold."
     )
     return caption, highlighted(explanation.prompt), highlighted(explanation.completion), steps_rows(explanation)
 
@@ -150,41 +150,36 @@ def build_demo(model, tokenizer, name_or_path):
         settings = f"temperature {temperature:g}, top-k {int(top_k)}, top-p {defaults.top_p or 1:g}"
         # The reply streams from the same generate call that records its scores, so "Inside Guppy" shows
         # exactly the tokens the user saw being drawn.
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-        def generate():
-            try:
-                return explain(model, tokenizer, message, streamer=streamer, **kwargs)
-            finally:
-                streamer.end()  # wakes the reader below even if generate failed (a second end() is harmless)
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            job = pool.submit(generate)
-            reply = ""
-            for piece in streamer:
-                reply += piece
+        run = lambda streamer: explain(model, tokenizer, message, streamer=streamer, **kwargs)
+        for reply, explanation in stream_generation(tokenizer, run):
+            if explanation is None:
                 yield reply, gr.skip()
-            explanation = job.result()
         if explanation.dropped:
             gr.Info(f"Your message was {explanation.dropped} tokens too long for Guppy's memory; it read only the end.")
         yield explanation.reply or "…", (explanation, settings)
 
     with gr.Blocks(title="Guppy", analytics_enabled=False) as demo:
-        gr.Markdown("# 🐟 Guppy\nA tiny language model that talks like a small fish. Say something; it answers in one turn.")
+        gr.Markdown("# Guppy\nA tiny language model that talks like a small fish. Say something; it answers in one turn.")
         last = gr.State(None, time_to_live=3600)  # (Explanation, settings) of this browser's last reply
         with gr.Tab("Chat"):
             with gr.Row():
                 with gr.Column(scale=3):
                     gr.ChatInterface(
                         respond,
-                        chatbot=gr.Chatbot(height=420, placeholder="Single-turn: each message is answered on its own."),
-                        textbox=gr.Textbox(placeholder="say something to guppy…", max_length=MAX_MESSAGE_CHARS, submit_btn=True),
+                        chatbot=gr.Chatbot(
+                            label="Guppy", height=420, placeholder="Single-turn: each message is answered on its own."
+                        ),
+                        textbox=gr.Textbox(placeholder="say something to guppy…", max_length=MAX_MESSAGE_CHARS),
                         additional_inputs=[
-                            gr.Slider(0.1, 2.0, value=defaults.temperature or 1.0, step=0.05, label="temperature"),
-                            gr.Slider(1, 100, value=defaults.top_k or 50, step=1, label="top-k"),
-                            gr.Slider(1, max_reply, value=min(defaults.max_new_tokens or max_reply, max_reply), step=1, label="max new tokens"),
+                            # render=False: ChatInterface places them in its accordion
+                            gr.Slider(0.1, 2.0, value=defaults.temperature or 1.0, step=0.05, label="temperature", render=False),
+                            gr.Slider(1, 100, value=defaults.top_k or 50, step=1, label="top-k", render=False),
+                            gr.Slider(
+                                1, max_reply, value=min(defaults.max_new_tokens or max_reply, max_reply), step=1,
+                                label="max new tokens", render=False,
+                            ),
                         ],
-                        additional_inputs_accordion=gr.Accordion("Sampling", open=True),
+                        additional_inputs_accordion=gr.Accordion("Sampling", open=True, render=False),
                         additional_outputs=[last],
                         examples=[[example] for example in EXAMPLES],  # one list per example: there are additional inputs
                         api_name="chat",
@@ -201,8 +196,8 @@ def build_demo(model, tokenizer, name_or_path):
                 prompt_tokens = gr.HighlightedText(label=f"Your message, as Guppy read it ({legend})")
                 reply_tokens = gr.HighlightedText(label="Guppy's reply, every generated token")
             steps = gr.Dataframe(
-                headers=["step", "drew", "p", "1st", "2nd", "3rd", "4th", "5th"],
-                datatype=["number", "markdown", "str", *["markdown"] * 5],
+                headers=["step", "drew", "p", *(f"#{rank}" for rank in range(1, TOP_CANDIDATES + 1))],
+                datatype=["number", "markdown", "str", *["markdown"] * TOP_CANDIDATES],
                 label="Sampling, step by step (probabilities under the settings used)",
                 interactive=False,
                 max_height=360,
@@ -217,18 +212,36 @@ def build_demo(model, tokenizer, name_or_path):
                     head = gr.Radio([(f"head {i + 1}", i) for i in range(config.num_attention_heads)], value=0, label="head")
                 with gr.Column(scale=3):
                     attention = gr.Plot(label="attention weights", format="png")
-            gr.Dataframe(architecture_rows(model), headers=["architecture", ""], label="Architecture (from the model's config)", interactive=False)
+            arch = architecture(model)
+            with gr.Row():
+                shape = ("layers", "heads", "hidden size", "feed-forward size", "context", "vocabulary")
+                gr.Dataframe(
+                    [[name, arch[name]] for name in shape], headers=["architecture", ""],
+                    label="Architecture (from the model's config)", interactive=False,
+                )
+                components = [[name, f"{count:,}"] for name, count in arch["parameters by component"].items()]
+                gr.Dataframe(
+                    [*components, ["total", f"{arch['parameters']:,}"]], headers=["component", "parameters"],
+                    label="Parameters", interactive=False,
+                )
 
+        # the view is drawn from the stored Explanation: no generation, so no need to wait in the queue
         last.change(show_inside, last, [caption, prompt_tokens, reply_tokens, steps], queue=False, api_visibility="private")
-        gr.on([last.change, layer.change, head.change], draw_attention, [last, layer, head], attention, queue=False, api_visibility="private")
+        gr.on(
+            [last.change, layer.change, head.change], draw_attention, [last, layer, head], attention,
+            queue=False, api_visibility="private",
+        )
     return demo
 
 
 def main():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the Space reports truncation itself, in words
     name_or_path = default_model()
     try:
         model, tokenizer = load_model(name_or_path)
-    except FileNotFoundError as error:
+    except OSError as error:  # load_model says in one line what is missing or broken
         sys.exit(f"space/app.py: {error}")
     demo = build_demo(model, tokenizer, name_or_path)
     demo.queue(default_concurrency_limit=CONCURRENCY).launch(theme=THEME, footer_links=["api"])

@@ -3,8 +3,9 @@ huggingface_hub, transformers and datasets call to push and pull models, dataset
 
 Stdlib only; repos live in memory. Clients point at it with HF_ENDPOINT (read at import, so set it
 first) and HF_HUB_DISABLE_XET=1, because this server speaks plain git-LFS (batch, then PUT), not Xet.
-Any route it does not implement answers 501 and is recorded in `HubServer.unhandled`, so protocol
-drift in a client library fails the tests loudly instead of being papered over.
+A route it does not implement answers 501 (a request it cannot parse, 500) and is recorded in
+`HubServer.unhandled`, so protocol drift in a client library fails the tests loudly instead of being
+papered over.
 
     server = HubServer(token="hf_test").start()   # in-process, background thread
     python tests/hub_server.py --port 8123 --token hf_test   # standalone
@@ -85,7 +86,7 @@ class HubServer:
         self.token, self.user = token, user
         self.repos = {}  # (type, id) -> Repo
         self.lfs_objects = {}  # sha256 -> bytes, uploaded but maybe not yet committed
-        self.unhandled = []  # "METHOD path" of every request no route matched
+        self.unhandled = []  # "METHOD path (why)" of every request no route matched or a route could not handle
         self.log = []  # "METHOD path status" of every request
         self.lock = threading.RLock()
         self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
@@ -142,14 +143,11 @@ def _make_handler(server):
     routes = [
         ("POST", r"/api/repos/create", "create_repo"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
-        ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", rf"{api}/preupload/{rev}", "preupload"),
         ("POST", rf"{api}/commit/{rev}", "commit"),
         ("POST", rf"{api}/branch/(?P<rev>.+)", "create_branch"),  # create_branch does not quote the name
         ("GET", rf"{api}(?:/revision/{rev})?", "repo_info"),
         ("GET", rf"{api}/tree/{rev}(?:/(?P<path>.+))?", "tree"),
-        ("POST", rf"{api}/paths-info/{rev}", "paths_info"),
-        ("GET", rf"/api/spaces/{repo_id}/variables", "space_variables"),
         ("POST", rf"/api/spaces/{repo_id}/variables", "add_space_variable"),
         ("POST", rf"{prefixed}\.git/info/lfs/objects/batch", "lfs_batch"),
         ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", "lfs_put"),
@@ -184,6 +182,9 @@ def _make_handler(server):
                         return getattr(self, name)(**params)
                     except HubError as error:
                         return self._error(error.status, error.message, error.code)
+                    except Exception as error:  # a request shape this server does not understand: protocol drift
+                        server.unhandled.append(f"{self.command} {self.path} ({type(error).__name__}: {error})")
+                        return self._error(500, f"hub_server.py failed on {self.command} {url.path}: {error!r}")
             server.unhandled.append(f"{self.command} {self.path}")
             self._error(501, f"hub_server.py does not implement {self.command} {url.path}")
 
@@ -242,20 +243,13 @@ def _make_handler(server):
                 repo.variables[variable["key"]] = variable["value"]
             self._send(200, {"url": url, "name": repo_id})
 
-        def whoami(self, type):
-            if not self.authorized:
-                raise HubError(401, "Invalid user token.")
-            self._send(200, {"type": "user", "name": server.user, "auth": {"accessToken": {"role": "write"}}})
-
         def validate_yaml(self, type):
-            # the Hub checks the card metadata against each repo type's schema; this checks what a stdlib parser can
+            # the Hub checks card metadata against each repo type's schema; a stdlib server checks a Space's sdk
             payload = self._json()
             header = re.match(r"^---\n(.*?)\n---\n", payload.get("content", ""), re.DOTALL)
-            if header is None:
-                return self._send(400, "README.md must start with a YAML block between --- lines", content_type="text/plain")
-            sdk = re.search(r"^sdk:\s*(\S+)\s*$", header[1], re.MULTILINE)
+            sdk = re.search(r"^sdk:\s*(\S+)\s*$", header[1] if header else "", re.MULTILINE)
             if payload.get("repoType") == "space" and (sdk is None or sdk[1] not in SPACE_SDKS):
-                return self._send(400, f"\"sdk\" must be one of {sorted(SPACE_SDKS)}", content_type="text/plain")
+                return self._send(400, f'"sdk" must be one of {sorted(SPACE_SDKS)}', content_type="text/plain")
             self._send(200, {})
 
         def repo_info(self, type, repo, rev="main"):
@@ -329,6 +323,8 @@ def _make_handler(server):
             if self.query.get("create_pr"):
                 server.unhandled.append(f"{self.command} {self.path} (create_pr)")
                 raise HubError(501, "hub_server.py does not implement pull requests")
+            if rev not in repo.branches:
+                raise HubError(400, f"cannot commit to {rev!r}: not a branch")
             with server.lock:
                 head = self._commit(repo, rev)
                 files = dict(head.files)
@@ -355,10 +351,7 @@ def _make_handler(server):
                     else:
                         server.unhandled.append(f"{self.command} {self.path} (commit key {key!r})")
                         raise HubError(501, f"hub_server.py does not implement commit operation {key!r}")
-                branch = rev if rev in repo.branches else None
-                if branch is None:
-                    raise HubError(400, f"cannot commit to {rev!r}: not a branch")
-                sha = server.commit_files(repo, branch, files, title)
+                sha = server.commit_files(repo, rev, files, title)
             self._send(200, {"success": True, "commitOid": sha, "commitUrl": f"{server.url(repo)}/commit/{sha}", "pullRequestUrl": None})
 
         # --- download --------------------------------------------------------------------------
@@ -396,52 +389,27 @@ def _make_handler(server):
             expand = self.query.get("expand", "false").lower() == "true"
             self._send(200, self._entries(commit, path, recursive, expand))
 
-        def paths_info(self, type, repo, rev):
-            commit = self._commit(server.repo(type, repo, self.authorized), rev)
-            form = parse_qs(self.body.decode()) if b"=" in self.body and not self.body.startswith(b"{") else None
-            payload = {key: values for key, values in form.items()} if form else self._json()
-            paths = payload.get("paths", [])
-            expand = str(payload.get("expand", "false")).lower() in ("true", "['true']")
-            answer = []
-            for path in paths if isinstance(paths, list) else [paths]:
-                path = path.strip("/")
-                if path in commit.files:
-                    answer.append(self._file_entry(commit, path, expand))
-                elif any(name.startswith(path + "/") for name in commit.files):
-                    answer.append({"type": "directory", "path": path, "size": 0, "oid": git_blob_oid(path.encode())})
-            self._send(200, answer)
-
         def resolve(self, type, repo, rev, path):
             repo = server.repo(type, repo, self.authorized)
             commit = self._commit(repo, rev)
             blob = commit.files.get(path)
             if blob is None:
                 raise HubError(404, f"{path} does not exist on {commit.sha}", "EntryNotFound")
-            headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{blob.oid}"', "Accept-Ranges": "bytes"}
+            headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{blob.oid}"'}
             if blob.lfs:  # the real Hub redirects LFS files to a CDN; these headers describe the target
                 headers.update({"ETag": f'"{blob.sha256}"', "X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.content))})
-            body, status = blob.content, 200
-            ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-            if ranged:
-                start, end = int(ranged[1]), int(ranged[2] or len(body) - 1)
-                headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
-                body, status = body[start : end + 1], 206
-            elif self.headers.get("Range"):
+            if self.headers.get("Range"):  # clients only ask for ranges to resume a download
                 server.unhandled.append(f"{self.command} {self.path} (Range: {self.headers['Range']})")
-                raise HubError(501, f"hub_server.py does not implement Range {self.headers['Range']}")
-            self._send(status, body, headers, content_type="application/octet-stream")
+                raise HubError(501, "hub_server.py does not implement Range requests")
+            self._send(200, blob.content, headers, content_type="application/octet-stream")
 
         # --- Space variables -------------------------------------------------------------------
-
-        def space_variables(self, type, repo):
-            repo = server.repo("space", repo, self.authorized, write=True)
-            self._send(200, {key: {"value": value, "updatedAt": None} for key, value in repo.variables.items()})
 
         def add_space_variable(self, type, repo):
             repo = server.repo("space", repo, self.authorized, write=True)
             payload = self._json()
             repo.variables[payload["key"]] = payload["value"]
-            self.space_variables(type, repo.id)
+            self._send(200, {key: {"value": value} for key, value in repo.variables.items()})
 
     return Handler
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model
+from conftest import REPO_ROOT, make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_CARD = """---
 license: mit
@@ -48,12 +47,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 repo = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(repo)
+tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello guppy"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+messages = [{"role": "user", "content": "hello guppy"}]
+ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 with torch.no_grad():
     logits = model(**ids).logits
-print("RESULT", json.dumps({"ids": ids["input_ids"].tolist(), "logits": logits.tolist(), "max_new_tokens": GenerationConfig.from_pretrained(repo).max_new_tokens}))
+max_new_tokens = GenerationConfig.from_pretrained(repo).max_new_tokens
+print("RESULT", json.dumps({"ids": ids["input_ids"].tolist(), "logits": logits.tolist(), "max_new_tokens": max_new_tokens}))
 """
 
 # The path `guppylm chat --model REPO_ID` takes.
@@ -62,7 +63,8 @@ import json, sys
 import torch
 from guppylm.chat import load_model
 model, tokenizer = load_model(sys.argv[1])
-ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello guppy"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+messages = [{"role": "user", "content": "hello guppy"}]
+ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 with torch.no_grad():
     logits = model(**ids).logits
 print("RESULT", json.dumps({"ids": ids["input_ids"].tolist(), "logits": logits.tolist()}))
@@ -91,7 +93,8 @@ def result_of(process):
 
 def reference_logits(model_dir):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello guppy"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    messages = [{"role": "user", "content": "hello guppy"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         return ids["input_ids"].tolist(), model(**ids).logits
 
@@ -148,34 +151,32 @@ def test_model_push_pull_repush_and_offline(hub, tmp_path):
     assert files["README.md"].content.decode() == MODEL_CARD
     assert json.loads(files["config.json"].content)["auto_map"]["AutoModelForCausalLM"] == "modeling_guppylm.GuppyForCausalLM"
 
-    # pull in a process where guppylm cannot be imported: same prompt ids, identical logits
-    ids, logits = reference_logits(model_dir)
-    pulled = result_of(run(hub, ["-c", PULL_WITHOUT_GUPPYLM, "guppy/tiny-guppy"], hub.env()))
-    assert pulled["ids"] == ids and torch.equal(torch.tensor(pulled["logits"]), logits)
-    assert pulled["max_new_tokens"] == 12  # generation_config.json made the trip
-
-    # re-push new weights to the same repo: one new commit, and the next pull sees them
-    first = head(hub, "model", "guppy/tiny-guppy").sha
+    # re-push new weights to the same repo: a new commit on main, and the pull below must see them
+    first, (_, old_logits) = head(hub, "model", "guppy/tiny-guppy").sha, reference_logits(model_dir)
     make_tiny_model(model_dir, seed=1)
     run(hub, ["-m", "guppylm.cli", "push", "--model", str(model_dir), "--repo-id", "guppy/tiny-guppy"])
     assert head(hub, "model", "guppy/tiny-guppy").sha != first
-    ids, new_logits = reference_logits(model_dir)
-    assert not torch.equal(new_logits, logits)
+
+    # pull in a process where guppylm cannot be imported: same prompt ids, identical logits
+    ids, logits = reference_logits(model_dir)
+    assert not torch.equal(logits, old_logits)
     pulled = result_of(run(hub, ["-c", PULL_WITHOUT_GUPPYLM, "guppy/tiny-guppy"], hub.env()))
-    assert torch.equal(torch.tensor(pulled["logits"]), new_logits)
+    assert pulled["ids"] == ids and torch.equal(torch.tensor(pulled["logits"]), logits)
+    assert pulled["max_new_tokens"] == 12  # generation_config.json made the trip
 
     # offline, with the server unreachable: `guppylm chat`'s loader serves the repo id from HF_HOME
     requests = len(hub.server.log)
     offline = hub.env(HF_HUB_OFFLINE=1, HF_ENDPOINT=dead_endpoint())
     pulled = result_of(run(hub, ["-c", PULL_WITH_CHAT, "guppy/tiny-guppy"], offline))
-    assert torch.equal(torch.tensor(pulled["logits"]), new_logits)
+    assert torch.equal(torch.tensor(pulled["logits"]), logits)
     assert len(hub.server.log) == requests
     assert_token_never_written(hub)
 
 
-def test_model_push_to_a_branch_and_private(hub, tmp_path):
+def test_model_push_with_token_flag_to_a_private_branch(hub, tmp_path):
     make_tiny_model(tmp_path / "model")
-    run(hub, ["-m", "guppylm.cli", "push", "--model", str(tmp_path / "model"), "--repo-id", "guppy/secret", "--private", "--revision", "v1"])
+    args = ["push", "--model", tmp_path / "model", "--repo-id", "guppy/secret", "--private", "--revision", "v1", "--token", hub.token]
+    run(hub, ["-m", "guppylm.cli", *map(str, args)], hub.env(HF_TOKEN=None))
     repo = hub.server.repos[("model", "guppy/secret")]
     assert repo.private and set(repo.branches) == {"main", "v1"}
     assert "model.safetensors" in repo.commits[repo.branches["v1"]].files
@@ -266,18 +267,19 @@ def test_dataset_push_then_load_dataset_and_train_offline(hub, tmp_path):
 
 
 def space_folder(tmp_path):
-    """A copy of the repo's space/ (or a stand-in while it is being written) with build junk that must not ship."""
+    """A copy of the repo's space/ (or a stand-in while it is being written) plus build junk that must not ship."""
     folder = tmp_path / "space"
     real = REPO_ROOT / "space"
     if all((real / name).is_file() for name in ("app.py", "README.md", "requirements.txt")):
         shutil.copytree(real, folder, ignore=shutil.ignore_patterns("node_modules", "__pycache__"))
     else:
         folder.mkdir()
-        (folder / "README.md").write_text("---\ntitle: Guppy\nemoji: 🐟\nsdk: gradio\napp_file: app.py\nlicense: mit\n---\n# Chat with Guppy\n")
+        (folder / "README.md").write_text("---\ntitle: Guppy\nsdk: gradio\napp_file: app.py\nlicense: mit\n---\n# Chat with Guppy\n")
         (folder / "app.py").write_text('import os\nMODEL = os.environ.get("GUPPYLM_MODEL", "guppy/tiny-guppy")\n')
         (folder / "requirements.txt").write_text("transformers\n")
-    (folder / "node_modules" / "left-pad").mkdir(parents=True)
-    (folder / "node_modules" / "left-pad" / "index.js").write_text("module.exports = 1\n")
+    for junk in ("web/node_modules/left-pad/index.js", "web/vendor/ort.wasm", "web/model/model.onnx", ".env"):
+        (folder / junk).parent.mkdir(parents=True, exist_ok=True)
+        (folder / junk).write_text("not for the Space\n")
     (folder / "__pycache__").mkdir(exist_ok=True)
     (folder / "__pycache__" / "app.cpython-311.pyc").write_bytes(bytes(8))
     (folder / "old.txt").write_text("from a previous deploy\n")
@@ -303,9 +305,9 @@ def test_space_push_configures_the_model_and_mirrors_the_folder(hub, tmp_path):
 
     repo = hub.server.repos[("space", "guppy/guppy-chat")]
     files = repo.commits[repo.branches["main"]].files
-    shipped = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
-    shipped = {path for path in shipped if not path.startswith(("node_modules", "__pycache__"))}
-    assert set(files) == shipped | {".gitattributes"}
+    assert {"app.py", "README.md", "requirements.txt", "guppylm/__init__.py", "guppylm/chat.py"} <= set(files)
+    assert "old.txt" not in files  # the Space mirrors the folder
+    assert not [path for path in files if any(junk in path for junk in ("node_modules", "__pycache__", "web/vendor", "web/model", ".env"))]
     card = SpaceCard(files["README.md"].content.decode())
     assert card.data.sdk == "gradio" and repo.sdk == "gradio"
     assert card.data.models == ["guppy/tiny-guppy"]
@@ -352,15 +354,15 @@ def test_folders_are_checked_before_anything_is_sent(tmp_path):
 
 
 # Every way a pull by repo id fails, through the loaders `guppylm chat` / `guppylm train` use and through
-# `hub_errors`, each reported the way the CLI reports it.
+# `hub_errors`, each run the way the CLI runs a command: what it prints on stderr, and its exit code.
 PULL_ERRORS = r"""
-import sys
+import contextlib, io, json, sys
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM
 from guppylm.chat import load_model
 from guppylm.cli import run
 from guppylm.hub import hub_errors
 from guppylm.train import load_conversations
-from datasets import load_dataset
-from transformers import AutoModelForCausalLM
 
 def with_hub_errors(load, repo_type):
     def go(repo_id):
@@ -371,28 +373,29 @@ def with_hub_errors(load, repo_type):
 loaders = {
     "chat": load_model,
     "train": load_conversations,
-    "model": with_hub_errors(lambda r: AutoModelForCausalLM.from_pretrained(r, trust_remote_code=True), "model"),
+    "model": with_hub_errors(lambda repo_id: AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True), "model"),
     "dataset": with_hub_errors(load_dataset, "dataset"),
 }
-for name, repo_id in (arg.split("=") for arg in sys.argv[1:]):
-    try:
-        run(lambda: loaders[name](repo_id))
-    except SystemExit as exit:
-        print(f"{name} {repo_id} exit={exit.code}", file=sys.stderr, flush=True)
-    else:
-        print(f"{name} {repo_id} loaded", file=sys.stderr)
+results = {}
+for case in sys.argv[1:]:
+    name, repo_id = case.split("=")
+    stderr, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(stderr):
+        try:
+            run(lambda: loaders[name](repo_id))
+        except SystemExit as exit:
+            code = exit.code
+    results[case] = {"code": code, "stderr": stderr.getvalue()}
+print("RESULT", json.dumps(results))
 """
 
 
 def pull_errors(hub, env, *cases):
-    result = run(hub, ["-c", PULL_ERRORS, *cases], env)
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    lines = [line for line in lines if line.startswith("guppylm: error: ") or " exit=" in line or line.endswith(" loaded")]
-    # each case: exactly one error line, then exit=1
-    errors = dict(zip(cases, lines[0::2]))
-    assert lines[1::2] == [f"{case.replace('=', ' ')} exit=1" for case in cases], result.stderr
-    return errors
+    results = result_of(run(hub, ["-c", PULL_ERRORS, *cases], env))
+    for case, result in results.items():
+        assert result["code"] == 1 and result["stderr"].startswith("guppylm: error: "), (case, result)
+        assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], (case, result)
+    return {case: result["stderr"].strip() for case, result in results.items()}
 
 
 def test_pull_errors_are_one_clear_line(hub):
@@ -401,11 +404,17 @@ def test_pull_errors_are_one_clear_line(hub):
     secret = hub.server.create_repo("model", "guppy/secret", private=True)
     hub.server.commit_files(secret, "main", {"config.json": Blob(b"{}", lfs=False)}, "add config")
 
-    errors = pull_errors(hub, hub.env(HF_TOKEN=None), "chat=guppy/missing", "train=guppy/missing", "model=guppy/secret", "dataset=guppy/missing")
+    # no token: missing repos, and a private one, are "not found"
+    cases = ("chat=guppy/missing", "train=guppy/missing", "model=guppy/secret", "dataset=guppy/missing")
+    errors = pull_errors(hub, hub.env(HF_TOKEN=None), *cases)
     assert "guppy/missing" in errors["chat=guppy/missing"] and "guppy/missing" in errors["train=guppy/missing"]
-    assert errors["model=guppy/secret"] == f"guppylm: error: model repository 'guppy/secret' not found on {hub.endpoint} (check the id, and that your token can see it)"
-    assert errors["dataset=guppy/missing"].startswith("guppylm: error: dataset repository 'guppy/missing' not found")
+    not_found = f"not found on {hub.endpoint} (check the id, and that your token can see it)"
+    assert errors["model=guppy/secret"] == f"guppylm: error: model repository 'guppy/secret' {not_found}"
+    assert errors["dataset=guppy/missing"] == f"guppylm: error: dataset repository 'guppy/missing' {not_found}"
 
-    offline = pull_errors(hub, hub.env(HF_HUB_OFFLINE=1), "chat=guppy/missing", "train=guppy/missing", "model=guppy/missing", "dataset=guppy/missing")
-    assert offline["model=guppy/missing"].startswith("guppylm: error: HF_HUB_OFFLINE=1 and model repository 'guppy/missing' is not in the cache")
-    assert offline["dataset=guppy/missing"].startswith("guppylm: error: HF_HUB_OFFLINE=1 and dataset repository 'guppy/missing' is not in the cache")
+    # offline, and not in the cache
+    cases = ("chat=guppy/missing", "train=guppy/missing", "model=guppy/missing", "dataset=guppy/missing")
+    offline = pull_errors(hub, hub.env(HF_HUB_OFFLINE=1), *cases)
+    for kind in ("model", "dataset"):
+        expected = f"guppylm: error: HF_HUB_OFFLINE=1 and {kind} repository 'guppy/missing' is not in the cache"
+        assert offline[f"{kind}=guppy/missing"].startswith(expected)

@@ -1,0 +1,141 @@
+"""The default guppy dataset: sizes, balance, held-out split, style, variety, the saved folder and its card."""
+
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import yaml
+from datasets import ClassLabel, DatasetDict, List, Value, load_from_disk
+
+from dataset_builder import build_and_save, build_dataset, load_persona, save_dataset
+
+
+@pytest.fixture(scope="module")
+def persona():
+    return load_persona("guppy")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, persona):
+    """The full default build (60,000 conversations), saved once for the whole module."""
+    folder = tmp_path_factory.mktemp("guppy")
+    dataset = build_dataset(persona)
+    save_dataset(dataset, persona, folder)
+    return dataset, folder
+
+
+@pytest.fixture(scope="module")
+def columns(built):
+    return {name: split.select_columns(["input", "output", "topic"])[:] for name, split in built[0].items()}
+
+
+def test_sizes_and_features(built, persona):
+    dataset, _ = built
+    assert {name: len(split) for name, split in dataset.items()} == {"train": 57_000, "test": 3_000}
+    features = dataset["train"].features
+    assert features["messages"] == List({"role": Value("string"), "content": Value("string")})
+    assert features["input"] == features["output"] == Value("string")
+    assert features["topic"] == ClassLabel(names=persona.topics)
+    row = dataset["test"][0]
+    assert row["messages"] == [{"role": "user", "content": row["input"]}, {"role": "assistant", "content": row["output"]}]
+
+
+def test_topics_all_present_and_balanced(columns, persona):
+    for name, size in (("train", 950), ("test", 50)):
+        counts = Counter(columns[name]["topic"])
+        assert sorted(counts) == list(range(len(persona.topics))) and set(counts.values()) == {size}
+
+
+def test_no_pair_is_in_both_splits(columns):
+    pairs = {name: list(zip(c["input"], c["output"])) for name, c in columns.items()}
+    assert not set(pairs["train"]) & set(pairs["test"])
+    assert len(set(pairs["train"])) == len(pairs["train"])
+
+
+def test_replies_follow_the_style(columns, persona):
+    outputs = columns["train"]["output"] + columns["test"]["output"]
+    assert all(persona.style_problem(o) is None for o in outputs)
+    assert all(o == o.lower() and 1 <= len(o.split()) <= 25 and re.fullmatch(r"[a-z0-9 ',.!?]+", o) for o in outputs)
+
+
+def test_user_side_is_varied(columns):
+    inputs = columns["train"]["input"]
+    assert len(set(inputs)) > 20_000  # the reference data had 715
+    for mark in "?,'!.":
+        assert sum(mark in text for text in inputs) > 1_000, mark
+    assert sum(text[:1].isupper() for text in inputs) > 5_000
+
+
+def test_eval_prompts_are_not_dataset_inputs(columns, persona):
+    normal = lambda text: " ".join(text.lower().split())
+    inputs = {normal(text) for c in columns.values() for text in c["input"]}
+    assert [prompt for prompt, _, _ in persona.eval_cases() if normal(prompt) in inputs] == []
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    folders = []
+    for run, seed in enumerate((7, 7, 8)):
+        folders.append(tmp_path / str(run))
+        build_and_save(folders[-1], persona="guppy", num_samples=3_000, test_size=300, seed=seed)
+    files = sorted(p.relative_to(folders[0]) for p in folders[0].rglob("*") if p.is_file())
+    assert [str(f) for f in files] == ["README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet"]
+    assert all((folders[0] / f).read_bytes() == (folders[1] / f).read_bytes() for f in files)
+    assert (folders[0] / files[2]).read_bytes() != (folders[2] / files[2]).read_bytes()
+
+
+def test_card_metadata_matches_the_data(built, columns, persona):
+    dataset, folder = built
+    text = (folder / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["license"] == "mit" and meta["language"] == "en" and meta["task_categories"] == ["text-generation"]
+    assert meta["size_categories"] == "10K<n<100K" and meta["pretty_name"] == "Guppy conversations"
+    assert meta["configs"] == [
+        {
+            "config_name": "default",
+            "data_files": [{"split": "train", "path": "data/train-*"}, {"split": "test", "path": "data/test-*"}],
+        }
+    ]
+    info = meta["dataset_info"]
+    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 57_000, "test": 3_000}
+    topic = next(f for f in info["features"] if f["name"] == "topic")
+    assert list(topic["dtype"]["class_label"]["names"].values()) == persona.topics
+    for heading in ("## Persona", "## Topics", "## How it was generated", "## Statistics", "## Limitations"):
+        assert heading in text
+    assert "| hot_water | 950 | 50 |" in text
+    assert f"unique user inputs: {len(set(columns['train']['input'] + columns['test']['input']))}" in text
+
+
+def test_load_dataset_in_a_fresh_process(built, persona):
+    _, folder = built
+    code = (
+        "import sys; from datasets import load_dataset; d = load_dataset(sys.argv[1]); "
+        "print(len(d['train']), len(d['test']), d['train'].features['topic'].names[2], d['test'][0]['messages'][1]['role'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["57000", "3000", persona.topics[2], "assistant"]
+
+
+def test_save_to_disk_round_trip(tmp_path):
+    dataset = build_dataset("guppy", num_samples=600, test_size=60)
+    dataset.save_to_disk(tmp_path / "arrow")
+    loaded = load_from_disk(tmp_path / "arrow")
+    assert isinstance(loaded, DatasetDict) and loaded["test"].to_dict() == dataset["test"].to_dict()
+    assert loaded["train"].features == dataset["train"].features
+
+
+def test_cli_build_prints_statistics(tmp_path, capsys):
+    from guppylm.cli import main
+
+    main(["dataset", "build", "--output-dir", str(tmp_path), "--persona", "bolt", "--num-samples", "1200", "--test-size", "120"])
+    out = capsys.readouterr().out
+    for needle in ("battery", "unique inputs", "word-level vocabulary", "tokens per sample", "mean", "p99", "max"):
+        assert needle in out
+    assert (tmp_path / "data" / "train-00000-of-00001.parquet").is_file()
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="test_size < num_samples"):
+        build_dataset("guppy", num_samples=100, test_size=100)

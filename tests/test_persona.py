@@ -1,0 +1,192 @@
+"""Persona packs: the schema fails loudly and precisely, shipped packs are sound, and a second pack builds."""
+
+import random
+import re
+
+import pytest
+import yaml
+
+from dataset_builder import (
+    PersonaError,
+    build_dataset,
+    check_persona,
+    list_personas,
+    load_persona,
+    scaffold_persona,
+)
+
+WORD = re.compile(r"[\w']+")
+
+
+def minimal_pack():
+    return {
+        "name": "fish",
+        "display_name": "Fish",
+        "description": "a test fish",
+        "style": {"lowercase": True, "max_words": 8},
+        "defaults": {"num_samples": 40, "test_size": 4},
+        "pools": {"food": ["flakes", "worms"]},
+        "topics": [
+            {
+                "name": "food",
+                "words": ["food"],
+                "ask": ["do you like {food|snacks}{?|!|}", "what do you eat{?|}", "hungry{?|}"],
+                "replies": ["i love {food}, it is food.", "food is good{.|!}", "food? {food}!"],
+                "eval": ["got any favourite snacks?"],
+            }
+        ],
+    }
+
+
+def write(tmp_path, pack, name="fish.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(pack), encoding="utf-8")
+    return path
+
+
+def test_minimal_pack_loads(tmp_path):
+    persona = load_persona(write(tmp_path, minimal_pack()))
+    assert (persona.name, persona.display_name, persona.topics, persona.max_words) == ("fish", "Fish", ["food"], 8)
+    assert persona.eval_cases() == [("got any favourite snacks?", "food", frozenset({"food"}))]
+
+
+def _set(path, value):
+    def edit(pack):
+        *parents, last = path
+        for key in parents:
+            pack = pack[key]
+        if value is KeyError:
+            del pack[last]
+        else:
+            pack[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set(["name"], KeyError), "fish.yaml: name: is missing"),
+        (_set(["name"], "Big Fish"), "fish.yaml: name: must be lowercase letters"),
+        (_set(["style", "max_words"], "ten"), "fish.yaml: style.max_words: must be an int"),
+        (_set(["style", "lowercase"], "yes"), "fish.yaml: style.lowercase: must be true or false"),
+        (_set(["defaults", "test_size"], 40), "fish.yaml: defaults.test_size: must be between 0 and 39"),
+        (_set(["topics"], []), "fish.yaml: topics: must be a non-empty list"),
+        (_set(["topics", 0, "replies"], []), "fish.yaml: topics[0].replies: must be a non-empty list"),
+        (_set(["topics", 0, "replys"], ["x."]), "fish.yaml: topics[0].replys: unknown field"),
+        (_set(["topics", 0, "ask", 1], "what {do you eat"), "fish.yaml: topics[0].ask[1]: '{' without '}'"),
+        (_set(["topics", 0, "ask", 1], "what do} you eat"), "fish.yaml: topics[0].ask[1]: '}' without '{'"),
+        (_set(["topics", 0, "replies", 2], "i like {snacks}."), "fish.yaml: topics[0].replies[2]: unknown pool 'snacks'"),
+        (_set(["topics", 0, "words"], ["fish food"]), "fish.yaml: topics[0].words: 'fish food' is not one lowercase word"),
+        (_set(["topics", 0, "eval"], [3]), "fish.yaml: topics[0].eval[0]: must be a str"),
+        (_set(["pools", "food"], ["{food}"]), "fish.yaml: topics[0].replies[0]: pools nest more than 20 deep"),
+        (_set(["user"], {"openers": ["hey {pal},"]}), "fish.yaml: user.openers[0] (in topic 'food'): unknown pool 'pal'"),
+    ],
+)
+def test_schema_errors_name_file_field_and_problem(tmp_path, edit, message):
+    pack = minimal_pack()
+    edit(pack)
+    with pytest.raises(PersonaError) as error:
+        load_persona(write(tmp_path, pack))
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_duplicate_topic_and_bad_yaml(tmp_path):
+    pack = minimal_pack()
+    pack["topics"].append(dict(pack["topics"][0]))
+    with pytest.raises(PersonaError, match=r"fish.yaml: topics\[1\].name: duplicate topic 'food'"):
+        load_persona(write(tmp_path, pack))
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(PersonaError, match="broken.yaml: not valid YAML"):
+        load_persona(tmp_path / "broken.yaml")
+    with pytest.raises(PersonaError, match="unknown persona 'shark'.*guppy"):
+        load_persona("shark")
+
+
+def test_replies_breaking_the_style_stop_the_build(tmp_path):
+    pack = minimal_pack()
+    pack["topics"][0]["replies"] = ["Food is GOOD."]
+    with pytest.raises(PersonaError, match=r"fish.yaml: topics\[0\].replies: a reply is not lowercase: 'Food is GOOD.'"):
+        build_dataset(write(tmp_path, pack))
+    pack["topics"][0]["replies"] = ["food is good and i would like a lot more of it now."]
+    with pytest.raises(PersonaError, match=r"has 13 words \(style.max_words is 8\)"):
+        build_dataset(write(tmp_path, pack))
+
+
+def test_a_pack_too_small_for_the_request_says_so(tmp_path):
+    with pytest.raises(PersonaError, match=r"topics\[0\]: only \d+ distinct conversations about 'food'"):
+        build_dataset(write(tmp_path, minimal_pack()), num_samples=5000, test_size=10)
+
+
+def test_shipped_packs():
+    packs = list_personas()
+    assert {"guppy", "bolt"} <= set(packs) and all(d and "\n" not in d for d in packs.values())
+    guppy = load_persona("guppy")
+    assert len(guppy.topics) == 60 and guppy.lowercase and guppy.max_words == 25
+    assert (guppy.num_samples, guppy.test_size) == (60_000, 3_000)
+    for name, min_cases in (("guppy", 60), ("bolt", 30)):
+        persona = load_persona(name)
+        cases = persona.eval_cases()
+        assert len(cases) >= min_cases and {topic for _, topic, _ in cases} == set(persona.topics)
+        prompts = [prompt.lower() for prompt, _, _ in cases]
+        assert len(set(prompts)) == len(prompts)
+
+
+@pytest.mark.parametrize("name", ["guppy", "bolt"])
+def test_eval_prompts_are_held_out(name):
+    """No phrasing of the pack can produce an eval prompt, so the eval measures generalization."""
+    persona = load_persona(name)
+    assert [prompt for prompt, _, _ in persona.eval_cases() if persona.producible(prompt)] == []
+
+
+@pytest.mark.parametrize("name", ["guppy", "bolt"])
+def test_every_reply_names_a_topic_word(name):
+    """An on-topic reply is recognizable: `guppylm eval` looks for these words."""
+    persona, rng = load_persona(name), random.Random(0)
+    for topic in persona.specs.values():
+        for _ in range(100):
+            reply = persona.sample(topic, rng)[1]
+            assert set(WORD.findall(reply.lower())) & topic.words, (topic.name, reply)
+
+
+def test_second_pack_builds_in_its_own_style():
+    bolt = load_persona("bolt")
+    first = build_dataset("bolt", num_samples=1200, test_size=120, seed=3)
+    again = build_dataset("bolt", num_samples=1200, test_size=120, seed=3)
+    assert first["train"].to_dict() == again["train"].to_dict()
+    outputs = list(first["train"]["output"]) + list(first["test"]["output"])
+    assert all(bolt.style_problem(o) is None and len(o.split()) <= 16 for o in outputs)
+    assert all(o[0].isupper() for o in outputs)  # sentence case: a style the guppy pack would reject
+    assert load_persona("guppy").style_problem(outputs[0]) == "is not lowercase"
+    assert first["train"].features["topic"].names == bolt.topics
+
+
+def test_check_report():
+    report = check_persona("guppy")
+    assert "60 topics" in report and "hot_water" in report and "none of them can be produced" in report
+
+
+def test_scaffold_is_a_valid_pack_that_builds(tmp_path):
+    path = scaffold_persona("fern", tmp_path / "fern.yaml")
+    persona = load_persona(path)
+    assert (persona.name, persona.display_name) == ("fern", "Fern")
+    dataset = build_dataset(path)
+    assert (len(dataset["train"]), len(dataset["test"])) == (persona.num_samples - persona.test_size, persona.test_size)
+    assert "fern (fern.yaml)" in check_persona(path)
+    with pytest.raises(PersonaError, match="already exists"):
+        scaffold_persona("fern", path)
+    with pytest.raises(PersonaError, match="name: must be lowercase"):
+        scaffold_persona("Fern!", tmp_path / "x.yaml")
+
+
+def test_cli(tmp_path, capsys, monkeypatch):
+    from guppylm.cli import main
+
+    main(["persona", "list"])
+    assert re.search(r"^guppy +Guppy, a small fish", capsys.readouterr().out, re.M)
+    main(["persona", "check", "bolt"])
+    assert "bolt (bolt.yaml)" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    main(["persona", "new", "pebble"])
+    assert "wrote pebble.yaml" in capsys.readouterr().out and load_persona(tmp_path / "pebble.yaml").name == "pebble"
