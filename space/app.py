@@ -11,7 +11,6 @@ Everything the page needs is served by this process (analytics off, system fonts
 import html
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported, so set it first
@@ -22,9 +21,7 @@ try:
     from matplotlib.figure import Figure
 except ImportError as error:
     sys.exit(f"the Space needs gradio and matplotlib ({error}): pip install 'guppylm[space]'")
-from transformers import TextIteratorStreamer
-
-from guppylm.chat import default_model, generation_kwargs, load_model
+from guppylm.chat import default_model, generation_kwargs, load_model, stream_generation
 from guppylm.explain import TOP_CANDIDATES, architecture, explain
 
 MAX_MESSAGE_CHARS = 1000  # more than any context holds; encode_prompt then keeps the end that fits
