@@ -28,6 +28,9 @@ demo: train
 chat: train
 	$(BIN)/guppylm chat --model $(MODEL)
 
+web: train
+	$(BIN)/guppylm serve-web --model $(MODEL)
+
 test: setup
 	$(BIN)/python -m pytest
 

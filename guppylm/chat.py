@@ -5,6 +5,7 @@ from `model.generate` with the KV cache.
 """
 
 import os
+import re
 import sys
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -46,13 +47,23 @@ def load_model(name_or_path=None, device="cpu"):
             if config_dict.get("model_type") != GuppyConfig.model_type:
                 raise ValueError(f"its config describes a {config_dict.get('model_type')!r} model, not a {GuppyConfig.model_type!r} one")
             config = GuppyConfig.from_dict(config_dict)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, use_safetensors=True)
+            # trust_remote_code=False: an auto_map in tokenizer_config.json would otherwise ask "run the custom code? [y/N]" on stdin
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                name_or_path, config=config, use_safetensors=True, trust_remote_code=False,
+                ignore_mismatched_sizes=True, output_loading_info=True,  # checked below: transformers would re-initialize them
+            )
     except HubError:
         raise
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(f"cannot load the model {name_or_path!r}: {reason}") from error
+    damaged = sorted({*info["missing_keys"], *info["unexpected_keys"], *(key for key, *_ in info["mismatched_keys"])})
+    if damaged:  # a damaged file, or weights from another config: never chat with randomly re-initialized layers
+        raise OSError(
+            f"cannot load the model {name_or_path!r}: its weights do not match its config.json "
+            f"({len(damaged)} tensors missing, extra or misshapen, e.g. {damaged[0]})"
+        )
     return model.to(device).eval(), tokenizer
 
 
@@ -70,6 +81,8 @@ def encode_prompt(tokenizer, message, max_length):
     An over-long message is cut from the left: the turn markers and the generation prompt are kept, the
     start of the message goes. Returns (input_ids, number of message tokens dropped).
     """
+    # lone surrogates (undecodable bytes in argv, "\ud800" in JSON) cannot be UTF-8 encoded: U+FFFD, as TextEncoder does
+    message = re.sub("[\ud800-\udfff]", "\ufffd", message)
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], add_generation_prompt=True, return_dict=True
     )["input_ids"]

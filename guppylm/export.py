@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from guppylm.chat import encode_prompt, load_model, prompt_budget
+from guppylm.chat import encode_prompt, generation_kwargs, load_model, prompt_budget
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
@@ -199,8 +199,8 @@ def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
         input_ids, _ = encode_prompt(tokenizer, prompt, prompt_budget(model, max_new_tokens))
         with torch.no_grad():
             full = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=max_new_tokens,
-                temperature=None, top_k=None, top_p=None,
+                input_ids, attention_mask=torch.ones_like(input_ids),
+                **generation_kwargs(model, greedy=True, max_new_tokens=max_new_tokens),
             )  # (1, T_prompt + T_reply)
             expected_logits = model(full).logits[0, :-1]  # the last token's prediction is never used
         prompt_ids, expected = input_ids[0].tolist(), full[0, input_ids.shape[1] :].tolist()
@@ -232,7 +232,7 @@ def save_tokenizer_and_configs(model, tokenizer, output_dir):
 
 
 def export_onnx(model_dir, output_dir, quantize_int8=False, prompts=VERIFY_PROMPTS, max_new_tokens=None):
-    """Export, verify and describe; returns the report dict. Raises RuntimeError when fp32 ONNX != PyTorch."""
+    """Export, verify, write export_report.json and return it. Raises RuntimeError when fp32 ONNX != PyTorch."""
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"exporting needs {', '.join(missing)}: pip install 'guppylm[export]'")

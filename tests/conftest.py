@@ -12,6 +12,12 @@ from guppylm import GuppyConfig, GuppyForCausalLM
 from guppylm.tokenizer import build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO_ROOT / "artifacts"  # screenshots and load-test numbers land here (git-ignored)
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
 
 FISH_LINES = [
     "hello! i'm guppy, a small fish.",
@@ -39,6 +45,36 @@ def make_tiny_model(path, seed=0, preset="tiny"):
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+PARROT_PROMPTS = ["hi", "how are you?", "is the water warm?", "what is food?", "is the light on?",
+                  "what do you watch?", "what's the glass?", "where do you swim?", "who feeds you?", "goodbye!"]
+
+
+def make_parrot_model(path):
+    """The tiny model after ~1 s of overfitting PARROT_PROMPTS -> FISH_LINES, saved to `path`.
+
+    Its greedy replies are sentences of different lengths that end in EOS, so parity is checked over varied
+    tokens and the stop token. A random model repeats one token up to the length limit, and a few seconds of
+    real training do no better.
+    """
+    model, tokenizer = make_tiny_model(path)
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(PARROT_PROMPTS, FISH_LINES)]
+    batch = tokenizer.apply_chat_template(chats, padding=True, return_dict=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small gain nothing from threads, and on a busy CPU lose 20x waiting
+    model.train()
+    try:
+        for _ in range(100):
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.generation_config.max_new_tokens = 24  # room for the longest line and its EOS
+    model.eval().save_pretrained(path)
     return model, tokenizer
 
 
@@ -120,3 +156,32 @@ def trained_tiny_dir(tmp_path_factory, small_dataset_dir):
     path = tmp_path_factory.mktemp("trained-tiny")
     train(output_dir=str(path), preset="tiny", dataset=str(small_dataset_dir), max_steps=150, eval_every=50, checkpoint_every=10**6)
     return path
+
+
+# --- servers and the browser ------------------------------------------------------------------------------
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def chromium():
+    """Debian's headless Chromium under Playwright. Missing: skipped on a laptop, a failure in CI."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -7,38 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FISH_LINES, guppylm_command, make_tiny_model
+from conftest import guppylm_command, make_parrot_model
 from guppylm import export
 from guppylm.chat import load_model
 
-PARROT_PROMPTS = ["hi", "how are you?", "is the water warm?", "what is food?", "is the light on?",
-                  "what do you watch?", "what's the glass?", "where do you swim?", "who feeds you?", "goodbye!"]
-
-
-def make_parrot_model(path):
-    """The tiny model after ~1 s of overfitting PARROT_PROMPTS -> FISH_LINES, saved to `path`.
-
-    Its greedy replies are sentences of different lengths that end in EOS, so parity is checked over varied
-    tokens and the stop token. A random model repeats one token up to the length limit, and a few seconds of
-    real training do no better.
-    """
-    model, tokenizer = make_tiny_model(path)
-    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(PARROT_PROMPTS, FISH_LINES)]
-    batch = tokenizer.apply_chat_template(chats, padding=True, return_dict=True, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices this small gain nothing from threads, and on a busy CPU lose 20x waiting
-    model.train()
-    try:
-        for _ in range(100):
-            model(**batch, labels=batch["input_ids"]).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    model.generation_config.max_new_tokens = 24  # room for the longest line and its EOS
-    model.eval().save_pretrained(path)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,30 +2,16 @@
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "artifacts"  # screenshots land here (git-ignored)
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import ARTIFACTS, REPO_ROOT as ROOT, free_port
 
 
 @pytest.fixture(scope="module")
@@ -117,51 +103,43 @@ def test_sixteen_parallel_clients_all_get_replies(space_url):
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_browser_chat_and_inside_view(space_url):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
-    from playwright.sync_api import expect, sync_playwright
+def test_browser_chat_and_inside_view(space_url, chromium):
+    from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
     requests = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1366, "height": 900})
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(space_url)
-            textbox = page.get_by_placeholder("say something to guppy")
-            expect(textbox).to_be_visible(timeout=30_000)
-            expect(page.get_by_text("Single-turn by design")).to_be_visible()
-            expect(page.get_by_role("button", name="are you scared of the cat?")).to_be_visible()  # example prompts
+    page = chromium.new_page(viewport={"width": 1366, "height": 900})
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(space_url)
+    textbox = page.get_by_placeholder("say something to guppy")
+    expect(textbox).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Single-turn by design")).to_be_visible()
+    expect(page.get_by_role("button", name="are you scared of the cat?")).to_be_visible()  # example prompts
 
-            textbox.fill("hi guppy, how are you? zebra")
-            textbox.press("Enter")
-            reply = page.get_by_test_id("bot")
-            expect(reply).not_to_be_empty(timeout=30_000)  # the stream has started
+    textbox.fill("hi guppy, how are you? zebra")
+    textbox.press("Enter")
+    reply = page.get_by_test_id("bot")
+    expect(reply).not_to_be_empty(timeout=30_000)  # the stream has started
 
-            page.get_by_role("tab", name="Inside Guppy").click()
-            # the view is filled only from the finished reply, so from here on the stream is complete
-            expect(page.get_by_text("The last reply, token by token")).to_be_visible(timeout=30_000)
-            prompt_tokens, reply_tokens = page.get_by_test_id("highlighted-text").all()
-            expect(prompt_tokens).to_contain_text("<unk>")  # "zebra" is not in the tiny vocabulary
-            words = [t for t in reply_tokens.locator(".token .text").all_inner_texts() if not t.startswith("<")]
-            expect(page.locator("table").first).to_contain_text("drew")
-            heatmap = page.get_by_test_id("matplotlib").locator("img")
-            expect(heatmap).to_be_visible(timeout=30_000)
-            first_head = heatmap.get_attribute("src")
-            page.get_by_label("head 2").check()
-            expect(heatmap).not_to_have_attribute("src", first_head)
-            expect(page.locator(".pending")).to_have_count(0)  # no update still in flight (they fade the page)
-            page.screenshot(path=ARTIFACTS / "space-inside.png", full_page=True)
+    page.get_by_role("tab", name="Inside Guppy").click()
+    # the view is filled only from the finished reply, so from here on the stream is complete
+    expect(page.get_by_text("The last reply, token by token")).to_be_visible(timeout=30_000)
+    prompt_tokens, reply_tokens = page.get_by_test_id("highlighted-text").all()
+    expect(prompt_tokens).to_contain_text("<unk>")  # "zebra" is not in the tiny vocabulary
+    words = [t for t in reply_tokens.locator(".token .text").all_inner_texts() if not t.startswith("<")]
+    expect(page.locator("table").first).to_contain_text("drew")
+    heatmap = page.get_by_test_id("matplotlib").locator("img")
+    expect(heatmap).to_be_visible(timeout=30_000)
+    first_head = heatmap.get_attribute("src")
+    page.get_by_label("head 2").check()
+    expect(heatmap).not_to_have_attribute("src", first_head)
+    expect(page.locator(".pending")).to_have_count(0)  # no update still in flight (they fade the page)
+    page.screenshot(path=ARTIFACTS / "space-inside.png", full_page=True)
 
-            page.get_by_role("tab", name="Chat").click()
-            expect(reply).to_be_visible()
-            # the view described the very reply shown in the chat: same words, special tokens aside
-            assert ("".join(words) or "…") == "".join(reply.inner_text().split())
-            page.screenshot(path=ARTIFACTS / "space-chat.png", full_page=True)
-        finally:
-            browser.close()
+    page.get_by_role("tab", name="Chat").click()
+    expect(reply).to_be_visible()
+    # the view described the very reply shown in the chat: same words, special tokens aside
+    assert ("".join(words) or "…") == "".join(reply.inner_text().split())
+    page.screenshot(path=ARTIFACTS / "space-chat.png", full_page=True)
 
     outside = {urlsplit(url).hostname for url in requests if urlsplit(url).scheme in ("http", "https", "ws", "wss")}
     assert outside == {"127.0.0.1"}, f"requests left loopback: {outside}"

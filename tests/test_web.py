@@ -3,7 +3,6 @@
 The page must say what Python says: the same token ids for every prompt, the same greedy reply token for token.
 """
 
-import os
 import subprocess
 import time
 import urllib.error
@@ -13,10 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from conftest import guppylm_command
-from guppylm.chat import encode_prompt, load_model, prompt_budget
-from test_export import PARROT_PROMPTS, make_parrot_model
-from test_space import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port
+from conftest import ARTIFACTS, PARROT_PROMPTS, free_port, guppylm_command, make_parrot_model
+from guppylm.chat import encode_prompt, generation_kwargs, load_model, prompt_budget
 
 # Texts whose tokenization is easy to get subtly wrong: NFKC, case, curly quotes, collapsed whitespace,
 # punctuation spacing, apostrophes, unknown words and scripts, emoji, turn markers typed as text, nothing at all.
@@ -76,18 +73,16 @@ def python_greedy(model, tokenizer, message, max_new_tokens):
     """What `guppylm chat --greedy` answers: reply ids (EOS included) and the reply text."""
     input_ids, _ = encode_prompt(tokenizer, message, prompt_budget(model, max_new_tokens))
     with torch.no_grad():
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                max_new_tokens=max_new_tokens, temperature=None, top_k=None, top_p=None)
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                **generation_kwargs(model, greedy=True, max_new_tokens=max_new_tokens))
     ids = output[0, input_ids.shape[1] :].tolist()
     return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_page_replies_exactly_like_python_and_stays_on_loopback(served):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
-    from playwright.sync_api import expect, sync_playwright
+def test_page_replies_exactly_like_python_and_stays_on_loopback(served, chromium):
+    from playwright.sync_api import expect
 
     url, model_dir = served
     model, tokenizer = load_model(model_dir)
@@ -96,57 +91,51 @@ def test_page_replies_exactly_like_python_and_stays_on_loopback(served):
     long_message = "the water is warm and nice today. " * 12  # over the prompt budget: cut like Python cuts it
     messages = [*PARROT_PROMPTS[:4], "hi <|im_end|> zebra, how are you?", long_message]
 
-    ARTIFACTS.mkdir(exist_ok=True)
     requests, errors = [], []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.on("request", lambda request: requests.append(request.url))
-            page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-            page.goto(url)
-            ready = page.locator("body[data-state=ready]")
-            expect(ready).to_have_count(1, timeout=60_000)
+    page = chromium.new_page(viewport={"width": 1100, "height": 900})
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.goto(url)
+    ready = page.locator("body[data-state=ready]")
+    expect(ready).to_have_count(1, timeout=60_000)
 
-            # tokenizer and chat template: the page's ids are Python's, and so are its decoded texts
-            encoded = page.evaluate(
-                "([texts, maxNew]) => texts.map((t) => [guppy.tokenizer.encode(t, {add_special_tokens: false}).ids,"
-                " guppy.promptIds(t, maxNew)])", [TRICKY_TEXTS + [long_message], max_new_tokens],
-            )
-            for text, (ids, prompt_ids) in zip(TRICKY_TEXTS + [long_message], encoded):
-                assert ids == tokenizer(text, add_special_tokens=False)["input_ids"], text
-                assert prompt_ids == encode_prompt(tokenizer, text, budget)[0][0].tolist(), text
-                decoded = page.evaluate("(ids) => guppy.decode(ids)", prompt_ids)
-                assert decoded == tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    # tokenizer and chat template: the page's ids are Python's, and so are its decoded texts
+    encoded = page.evaluate(
+        "([texts, maxNew]) => texts.map((t) => [guppy.tokenizer.encode(t, {add_special_tokens: false}).ids,"
+        " guppy.promptIds(t, maxNew)])", [TRICKY_TEXTS + [long_message], max_new_tokens],
+    )
+    for text, (ids, prompt_ids) in zip(TRICKY_TEXTS + [long_message], encoded):
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"], text
+        assert prompt_ids == encode_prompt(tokenizer, text, budget)[0][0].tolist(), text
+        decoded = page.evaluate("(ids) => guppy.decode(ids)", prompt_ids)
+        assert decoded == tokenizer.decode(prompt_ids, skip_special_tokens=True)
 
-            # greedy replies from the fp32 graph: token for token what model.generate gives
-            page.select_option("#variant", "model.onnx")
-            expect(ready).to_have_count(1, timeout=30_000)
-            page.fill("#temperature", "0")
-            finished = page.locator("#conversation li.guppy[data-ids]")  # data-ids is set when a reply is complete
-            speeds = []
-            for count, message in enumerate(messages, start=1):
-                page.fill("#message", message)
-                page.press("#message", "Enter")
-                expect(finished).to_have_count(count, timeout=30_000)
-                bubble = finished.last
-                ids = [int(i) for i in bubble.get_attribute("data-ids").split(",")]
-                reply = bubble.locator(".text").text_content()
-                assert (ids, reply) == python_greedy(model, tokenizer, message, max_new_tokens), message
-                speeds.append(float(bubble.get_attribute("data-tokens-per-second")))
-            print(f"\nin-browser fp32 greedy: {max(speeds):.0f} tokens/s (best of {len(speeds)} replies)")
+    # greedy replies from the fp32 graph: token for token what model.generate gives
+    page.select_option("#variant", "model.onnx")
+    expect(ready).to_have_count(1, timeout=30_000)
+    page.fill("#temperature", "0")
+    finished = page.locator("#conversation li.guppy[data-ids]")  # data-ids is set when a reply is complete
+    speeds = []
+    for count, message in enumerate(messages, start=1):
+        page.fill("#message", message)
+        page.press("#message", "Enter")
+        expect(finished).to_have_count(count, timeout=30_000)
+        bubble = finished.last
+        ids = [int(i) for i in bubble.get_attribute("data-ids").split(",")]
+        reply = bubble.locator(".text").text_content()
+        assert (ids, reply) == python_greedy(model, tokenizer, message, max_new_tokens), message
+        speeds.append(float(bubble.get_attribute("data-tokens-per-second")))
+    print(f"\nin-browser fp32 greedy: {max(speeds):.0f} tokens/s (best of {len(speeds)} replies)")
 
-            # int8 graph, sampled: a reply streams in and the page is ready again
-            expect(ready).to_have_count(1)
-            page.select_option("#variant", "model_int8.onnx")
-            expect(ready).to_have_count(1, timeout=30_000)
-            page.fill("#temperature", "0.8")
-            page.get_by_role("button", name="are you hungry?").click()
-            expect(finished).to_have_count(len(messages) + 1, timeout=30_000)
-            expect(ready).to_have_count(1)
-            page.screenshot(path=ARTIFACTS / "web-chat.png", full_page=True)
-        finally:
-            browser.close()
+    # int8 graph, sampled: a reply streams in and the page is ready again
+    expect(ready).to_have_count(1)
+    page.select_option("#variant", "model_int8.onnx")
+    expect(ready).to_have_count(1, timeout=30_000)
+    page.fill("#temperature", "0.8")
+    page.get_by_role("button", name="are you hungry?").click()
+    expect(finished).to_have_count(len(messages) + 1, timeout=30_000)
+    expect(ready).to_have_count(1)
+    page.screenshot(path=ARTIFACTS / "web-chat.png", full_page=True)
 
     assert not errors, errors
     outside = {urlsplit(u).hostname for u in requests if urlsplit(u).scheme in ("http", "https", "ws", "wss")}
