@@ -131,7 +131,8 @@ def report(args, name, env, rows, columns, method, checks=(), **extra):
     """Print the header, method, table and target checks; save all of it to OUTPUT_DIR/NAME.json."""
     print(f"\n### {name}\n\n{header(env)}\n\n{method}\n\n{markdown_table(rows, columns)}\n")
     for check in checks:
-        print(f"- **{'PASS' if check['passed'] else 'FAIL'}** {check['target']}: {check['measured']}")
+        verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[check["passed"]]
+        print(f"- **{verdict}** {check['target']}: {check['measured']}")
     path = args.output_dir / f"{name}.json"
     path.write_text(json.dumps(dict(env=env, method=method, rows=rows, checks=list(checks), **extra), indent=2, default=str) + "\n")
     print(f"\nsaved {path}")

@@ -92,9 +92,9 @@ def model_scaling(args, env, work):
 
 def launch(processes, steps, batch_size, threads, output_dir):
     """`accelerate launch` the cpu preset; returns the run's summary, wall seconds and the process count it logged."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [
-        str(accelerate), "launch", *(["--multi_gpu"] if processes > 1 else []), "--num_processes", str(processes),
+    command = [  # `accelerate launch`, run by this Python
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+        *(["--multi_gpu"] if processes > 1 else []), "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(threads),
         "-m", "guppylm.train", "--preset", "cpu", "--max-steps", str(steps), "--batch-size", str(batch_size),
         "--output-dir", str(output_dir), "--no-eval", "--eval-every", str(NEVER), "--checkpoint-every", str(NEVER),
@@ -105,7 +105,10 @@ def launch(processes, steps, batch_size, threads, output_dir):
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     logged = re.search(r"processes (\d+)", result.stdout + result.stderr)
-    return json.loads(Path(output_dir, "training_summary.json").read_text()), wall, int(logged.group(1)) if logged else None
+    logged = int(logged.group(1)) if logged else None
+    if logged != processes:  # e.g. no gloo: each process trains alone, and the comparison would be meaningless
+        raise RuntimeError(f"asked for {processes} processes, train.py logged {logged}:\n{result.stdout[-2000:]}")
+    return json.loads(Path(output_dir, "training_summary.json").read_text()), wall, logged
 
 
 def process_scaling(args, env, work):

@@ -29,7 +29,7 @@ from guppylm.tokenizer import build_tokenizer, conversation_texts
 from guppylm.train import TRAIN_PRESETS, Conversations, LengthGroupedBatches, collate, load_conversations
 from search_cpu_recipe import training_flops
 
-WINDOW = {"tiny": 50, "cpu": 20, "9m": 10}  # timed steps per repeat: ~1-10 s each on 2 idle CPU cores
+WINDOW = {"tiny": 50, "cpu": 20, "9m": 10}  # timed steps per repeat: ~1-10 s each on 2 idle CPU cores; x10 on a GPU
 WARMUP = 5  # untimed steps first: allocator, thread pool and caches settle
 COMPILE_WARMUP = 30  # torch.compile compiles on the first shapes and again once it sees lengths vary
 
@@ -42,9 +42,9 @@ def collate_full_context(samples, pad_id, context):
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": F.pad(batch["labels"], (0, extra), value=-100)}
 
 
-def variants(device):
+def variants(device, all_variants=False):
     rows = [dict(variant="ours fp32", precision="fp32", compile=False)]
-    if device.type == "cuda":
+    if device.type == "cuda" or all_variants:
         rows += [
             dict(variant="ours bf16", precision="bf16", compile=False),
             dict(variant="ours fp32 + compile", precision="fp32", compile=True),
@@ -135,6 +135,7 @@ def main():
     parser = bench_parser(__doc__)
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=["tiny", "cpu", "9m"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--all-variants", action="store_true", help="bf16 and torch.compile on CPU too (always on with cuda)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s for MFU (H100 SXM bf16: 989)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -153,14 +154,15 @@ def main():
     else:
         split = load_conversations()["train"]
     tokenizer = build_tokenizer(conversation_texts(split))
+    windows = {p: 2 if args.quick else WINDOW[p] * (10 if device.type == "cuda" else 1) for p in args.presets}
+    warmup = 1 if args.quick else WARMUP
     encoded = {}  # max length -> Conversations, shared by the presets with the same context
     rows = []
     for preset in args.presets:
         context = PRESETS[preset]["max_position_embeddings"]
         if context not in encoded:
             encoded[context] = Conversations(split, tokenizer, context, unk_rate=0.15, seed=42)
-        window, warmup = (2, 1) if args.quick else (WINDOW[preset], WARMUP)
-        preset_rows = [measure(preset, v, encoded[context], tokenizer, device, window, warmup, args.repeats) for v in variants(device)]
+        preset_rows = [measure(preset, v, encoded[context], tokenizer, device, windows[preset], warmup, args.repeats) for v in variants(device, args.all_variants)]
         baseline = preset_rows[-1]["tokens_per_second"]
         for row in preset_rows:
             row["vs_baseline"] = round(row["tokens_per_second"] / baseline, 2)
@@ -177,8 +179,8 @@ def main():
     if device.type == "cuda":
         columns += [("gpu_peak_mb", "GPU peak MB", "d"), ("mfu", "MFU", ".1%")]
     method = (
-        f"Training throughput on {device}. Each row: {WARMUP} warm-up steps ({COMPILE_WARMUP} with torch.compile), then "
-        f"{env['repeats']} windows of {', '.join(f'{WINDOW[p]} steps ({p})' for p in args.presets)}; median window. "
+        f"Training throughput on {device}. Each row: {warmup} warm-up steps ({COMPILE_WARMUP} with torch.compile), then "
+        f"{env['repeats']} windows of {', '.join(f'{windows[p]} steps ({p})' for p in args.presets)}; median window. "
         "Tokens are real (non-pad) tokens. ours = train.py's data path and step (length-grouped batches padded to their "
         "longest sample, SDPA); baseline = every sample padded to the full context with an attention mask, eager attention, "
         "fp32, shuffled fixed batches; same model, samples and batch size. GFLOP/s counts useful work: 6 x params + "

@@ -6,6 +6,7 @@ Errors become one line on stderr and exit code 1 (set GUPPYLM_DEBUG=1 for the tr
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -201,9 +202,22 @@ def add_export_commands(sub):
 
 # --- entry point ----------------------------------------------------------------------------------
 
+SECRET = re.compile(r"(?<=--token[ =])\S+|\bhf_\w{20,}")  # a --token value, or anything shaped like a Hub token
+
+
+def mask_secrets(text):
+    return SECRET.sub("***", text)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse echoes what it rejects ("unrecognized arguments: --token hf_..."); a token is masked first."""
+
+    def error(self, message):
+        super().error(mask_secrets(message))
+
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="guppylm", description="GuppyLM: a tiny language model that talks like a fish.")
+    parser = Parser(prog="guppylm", description="GuppyLM: a tiny language model that talks like a fish.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_dataset_commands(sub)
     add_model_commands(sub)
@@ -223,7 +237,7 @@ def run(action):
         if os.environ.get("GUPPYLM_DEBUG"):
             raise
         lines = str(error).strip().splitlines()
-        print(f"guppylm: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
+        print(f"guppylm: error: {mask_secrets(lines[0]) if lines else type(error).__name__}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -152,8 +152,10 @@ def check_output_dir(output_dir):
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
-        probe.write_bytes(b"\0" * 1024 * 1024)  # 1 MiB: a full disk fails here, not after training
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0" * 1024 * 1024)  # 1 MiB: a full disk fails here, not after training
+        finally:
+            probe.unlink(missing_ok=True)  # a failed probe must not keep what it managed to write on a full disk
     except OSError as error:
         raise OSError(f"cannot write to output directory {output_dir!r}: {error.strerror or error}") from None
 
@@ -172,7 +174,11 @@ def save_checkpoint(accelerator, output_dir, step, keep=2):
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+    except Exception as error:  # safetensors and torch.save word a full disk their own ways ("enforce fail ... unexpected pos")
+        free = shutil.disk_usage(root).free
+        raise OSError(f"cannot write checkpoint {partial} ({free:,} bytes free on its disk): {error}") from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(partial, final)
