@@ -4,8 +4,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Tests run servers, trainings and browsers side by side on 2 cores: OpenMP threads that spin while waiting for
+# a busy core slow small models 10-20x, so every process the tests start computes on one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import GenerationConfig
 
 from guppylm import GuppyConfig, GuppyForCausalLM
