@@ -88,6 +88,9 @@ class Conversations(Dataset):
         self.unk_id, self.im_end_id = tokenizer.unk_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.unk_rate, self.seed, self.epoch = unk_rate, seed, 0
 
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
     def __len__(self):
         return len(self.samples)
 
@@ -313,12 +316,13 @@ def train(
     progress = tqdm(total=hp["max_steps"], initial=step, disable=not accelerator.is_local_main_process, desc="training", unit="step", mininterval=1.0)
     epoch = step // max(steps_per_epoch, 1)
     while step < hp["max_steps"]:
+        skip = (step % max(steps_per_epoch, 1)) * gradient_accumulation_steps  # batches of this epoch already seen
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        # Accelerate re-applies its own epoch counter to the sampler when a loader starts, and a resumed run's
+        # loaders start that counter at 0: set it, and our sampler and dataset directly, to the real epoch.
+        loader.set_epoch(epoch)
         batches.set_epoch(epoch)
-        train_set.epoch = epoch
-        loader = train_loader
-        skip = (step % max(steps_per_epoch, 1)) * gradient_accumulation_steps
-        if skip:
-            loader = accelerator.skip_first_batches(train_loader, skip)
+        train_set.set_epoch(epoch)
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
