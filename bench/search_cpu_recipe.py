@@ -16,13 +16,16 @@ import torch
 from guppylm.train import train
 
 # name: (architecture overrides on the cpu preset, optimizer settings)
+SMALL = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512)
+MEDIUM = dict(num_hidden_layers=3, hidden_size=192, num_attention_heads=4, intermediate_size=768)
+WIDE = dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=4, intermediate_size=768)
 CANDIDATES = {
-    "2x128 lr3e-3 b32 3000": (dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512), dict(learning_rate=3e-3, batch_size=32, max_steps=3000)),
-    "2x128 lr3e-3 b32 1500": (dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512), dict(learning_rate=3e-3, batch_size=32, max_steps=1500)),
-    "2x128 lr3e-3 b64 3000": (dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512), dict(learning_rate=3e-3, batch_size=64, max_steps=3000)),
-    "3x192 lr2e-3 b32 3000": (dict(num_hidden_layers=3, hidden_size=192, num_attention_heads=4, intermediate_size=768), dict(learning_rate=2e-3, batch_size=32, max_steps=3000)),
-    "4x256 lr1e-3 b32 3000": (dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024), dict(learning_rate=1e-3, batch_size=32, max_steps=3000)),
-    "2x128 no-unk 3000": (dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512), dict(learning_rate=3e-3, batch_size=32, max_steps=3000, unk_rate=0.0)),
+    "2x128 b32 3000": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=3000)),
+    "2x128 b32 6000": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=6000)),
+    "2x128 b64 3000": (SMALL, dict(learning_rate=3e-3, batch_size=64, max_steps=3000)),
+    "2x192 b32 4000": (WIDE, dict(learning_rate=2e-3, batch_size=32, max_steps=4000)),
+    "3x192 b32 3000": (MEDIUM, dict(learning_rate=2e-3, batch_size=32, max_steps=3000)),
+    "2x128 b32 3000 no-unk": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=3000, unk_rate=0.0)),
 }
 
 
