@@ -142,3 +142,16 @@ def test_saved_folder_loads_in_a_process_without_guppylm(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello guppy"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert torch.allclose(torch.tensor(remote["logits"]), model(**ids).logits[0, -1], atol=1e-6)
+
+
+def test_the_readme_snippet_runs_as_written(tmp_path, trained_tiny_dir):
+    """README's "Use it from another program" block, verbatim, in a folder whose runs/guppy is a trained model."""
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    snippet = readme.split("## Use it from another program", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "guppy").symlink_to(trained_tiny_dir)
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip(), "the snippet printed no reply"
