@@ -1,7 +1,11 @@
 """Shared fixtures: throwaway models built in-process in seconds, a local Hub, trained tiny models."""
 
 import os
+import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 # Tests run servers, trainings and browsers side by side on 2 cores: OpenMP threads that spin while waiting for
@@ -163,6 +167,27 @@ def trained_tiny_dir(tmp_path_factory, small_dataset_dir):
 
 
 # --- servers and the browser ------------------------------------------------------------------------------
+
+
+@contextmanager
+def running_server(command, url, log, timeout, env=None):
+    """Start `command` (logging to `log`), wait until `url` answers, yield; terminate it afterwards."""
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert server.poll() is None, f"{command[1:3]} exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"{command[1:3]} did not answer within {timeout} s:\n{log.read_text()}"
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def free_port():

@@ -2,16 +2,13 @@
 
 import importlib.util
 import os
-import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import ARTIFACTS, REPO_ROOT as ROOT, free_port
+from conftest import ARTIFACTS, REPO_ROOT as ROOT, free_port, running_server
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +20,8 @@ def space_url(tiny_model_dir, tmp_path_factory):
         HF_HUB_OFFLINE="1",
     )
     log = tmp_path_factory.mktemp("space") / "app.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, str(ROOT / "space" / "app.py")], env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, f"space/app.py exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"space/app.py did not answer within 90 s:\n{log.read_text()}"
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with running_server([sys.executable, str(ROOT / "space" / "app.py")], f"http://127.0.0.1:{port}/", log, 90, env) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_about_panel_reads_config_and_card(tiny_model_dir, tmp_path):

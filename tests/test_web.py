@@ -3,8 +3,6 @@
 The page must say what Python says: the same token ids for every prompt, the same greedy reply token for token.
 """
 
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
@@ -12,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from conftest import ARTIFACTS, PARROT_PROMPTS, free_port, guppylm_command, make_parrot_model
+from conftest import ARTIFACTS, PARROT_PROMPTS, free_port, guppylm_command, make_parrot_model, running_server
 from guppylm.chat import encode_prompt, generation_kwargs, load_model, prompt_budget
 
 # Texts whose tokenization is easy to get subtly wrong: NFKC, case, curly quotes, collapsed whitespace,
@@ -33,23 +31,9 @@ def served(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve-web") / "serve-web.log"
     command = guppylm_command("serve-web", "--model", model_dir, "--output-dir", bundle, "--port", port)
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 240  # npm ci on a fresh checkout, then export and verify
-        while True:
-            assert server.poll() is None, f"serve-web exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"serve-web did not answer within 240 s:\n{log.read_text()}"
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+    # up to 240 s: npm ci on a fresh checkout, then export and verify
+    with running_server(command, f"http://127.0.0.1:{port}/", log, 240) as url:
         yield url, model_dir
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_server_serves_page_runtime_and_model_with_browser_mime_types(served):
