@@ -1,7 +1,8 @@
 """The quality bar: greedy replies to held-out prompts that appear nowhere in the training data.
 
 A reply is on-topic when it contains a word the persona pack lists for the prompt's topic, and in style
-when it is lowercase, 1..max_words words long, and ends with <|im_end|> (the model chose to stop).
+when the model chose to stop (<|im_end|>) and the reply keeps the pack's own style rules (for Guppy: lowercase,
+at most its max words and sentences, ending in . ! or ?), never longer than 40 words.
 """
 
 import re
@@ -38,7 +39,6 @@ def evaluate_model(model, tokenizer, persona="guppy", max_new_tokens=48):
     pack = load_persona(persona)
     cases = pack.eval_cases()
     replies = greedy_replies(model, tokenizer, [prompt for prompt, _, _ in cases], max_new_tokens)
-    max_words = min(pack.max_words, MAX_WORDS)
     rows = []
     for (prompt, topic, topic_words), (reply, stopped) in zip(cases, replies):
         words = WORD.findall(reply)
@@ -48,7 +48,7 @@ def evaluate_model(model, tokenizer, persona="guppy", max_new_tokens=48):
                 topic=topic,
                 reply=reply,
                 on_topic=bool(topic_words & set(words)),
-                in_style=stopped and 1 <= len(words) <= max_words and (reply == reply.lower() or not pack.lowercase),
+                in_style=stopped and len(words) <= MAX_WORDS and pack.style_problem(reply) is None,
             )
         )
     n = len(rows)
