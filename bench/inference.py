@@ -27,7 +27,7 @@ from guppylm.evaluate import greedy_replies
 
 def pytorch_backend(model, use_cache):
     def run(prompt_ids, new_tokens, forced):
-        kwargs = generation_kwargs(model, greedy=True, max_new_tokens=new_tokens)
+        kwargs = generation_kwargs(greedy=True, max_new_tokens=new_tokens)
         if forced:
             kwargs["min_new_tokens"] = new_tokens  # EOS suppressed until the reply is this long
         output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), use_cache=use_cache, **kwargs)

@@ -93,7 +93,7 @@ def encode_prompt(tokenizer, message, max_length):
     return torch.tensor([ids]), max(excess, 0)
 
 
-def generation_kwargs(model, greedy=False, temperature=None, top_k=None, top_p=None, max_new_tokens=None):
+def generation_kwargs(greedy=False, temperature=None, top_k=None, top_p=None, max_new_tokens=None):
     """generate() arguments on top of the model's generation_config.json; None keeps its default."""
     overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     kwargs = {k: v for k, v in overrides.items() if v is not None}
@@ -150,7 +150,7 @@ def chat(model_name=None, prompt=None, seed=None, explain=False, **options):
 
     logging.set_verbosity_error()  # the CLI reports truncation itself, in words
     model, tokenizer = load_model(model_name)
-    generate_kwargs = generation_kwargs(model, **options)
+    generate_kwargs = generation_kwargs(**options)
     if seed is not None:
         torch.manual_seed(seed)
 

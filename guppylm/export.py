@@ -200,7 +200,7 @@ def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
         with torch.no_grad():
             full = model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids),
-                **generation_kwargs(model, greedy=True, max_new_tokens=max_new_tokens),
+                **generation_kwargs(greedy=True, max_new_tokens=max_new_tokens),
             )  # (1, T_prompt + T_reply)
             expected_logits = model(full).logits[0, :-1]  # the last token's prediction is never used
         prompt_ids, expected = input_ids[0].tolist(), full[0, input_ids.shape[1] :].tolist()

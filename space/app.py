@@ -143,7 +143,7 @@ def build_demo(model, tokenizer, name_or_path):
         if not message.strip():
             yield "blub? type a few words and i'll answer.", gr.skip()
             return
-        kwargs = generation_kwargs(model, temperature=temperature, top_k=int(top_k), max_new_tokens=int(max_new_tokens))
+        kwargs = generation_kwargs(temperature=temperature, top_k=int(top_k), max_new_tokens=int(max_new_tokens))
         settings = f"temperature {temperature:g}, top-k {int(top_k)}, top-p {defaults.top_p or 1:g}"
         # The reply streams from the same generate call that records its scores, so "Inside Guppy" shows
         # exactly the tokens the user saw being drawn.

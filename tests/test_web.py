@@ -58,7 +58,7 @@ def python_greedy(model, tokenizer, message, max_new_tokens):
     input_ids, _ = encode_prompt(tokenizer, message, prompt_budget(model, max_new_tokens))
     with torch.no_grad():
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                **generation_kwargs(model, greedy=True, max_new_tokens=max_new_tokens))
+                                **generation_kwargs(greedy=True, max_new_tokens=max_new_tokens))
     ids = output[0, input_ids.shape[1] :].tolist()
     return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
