@@ -117,7 +117,8 @@ class Topic:
     words: frozenset  # a reply naming one of these is on-topic
     ask: list  # parsed user phrasings
     replies: list  # parsed reply templates
-    eval: list  # held-out prompts, plain text
+    eval: list  # held-out prompts, plain text: the test split, scored once a recipe is chosen
+    dev: list  # held-out prompts to tune data and recipes against, so `eval` stays unseen
     pools: dict  # name -> list of parsed templates; the pack's pools merged under the topic's own
     field: str  # "topics[3]", for error messages
 
@@ -145,9 +146,11 @@ class Persona:
     def topics(self):
         return list(self.specs)
 
-    def eval_cases(self):
-        """Held-out prompts: [(prompt, topic, on-topic words)], in pack order."""
-        return [(prompt, t.name, t.words) for t in self.specs.values() for prompt in t.eval]
+    def eval_cases(self, split="eval"):
+        """Held-out prompts of `split` ("eval" or "dev"): [(prompt, topic, on-topic words)], in pack order."""
+        if split not in ("eval", "dev"):
+            raise ValueError(f"split must be 'eval' or 'dev', not {split!r}")
+        return [(prompt, t.name, t.words) for t in self.specs.values() for prompt in getattr(t, split)]
 
     def sample(self, topic, rng):
         """One (user input, reply) about `topic`; PersonaError if its replies keep breaking the style rules."""
@@ -295,7 +298,7 @@ def _validate(data, path):
     specs = {}
     for i, raw in enumerate(data["topics"]):
         field = f"topics[{i}]"
-        section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools",))
+        section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools", "dev"))
         topic = typed(raw["name"], f"{field}.name", str)
         if topic in specs:
             fail(f"{field}.name", f"duplicate topic '{topic}'")
@@ -316,7 +319,8 @@ def _validate(data, path):
             except ValueError as error:
                 fail(place, str(error))
         eval_prompts = strings(raw["eval"], f"{field}.eval")
-        specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, scope, field)
+        dev_prompts = strings(raw["dev"], f"{field}.dev") if "dev" in raw else []
+        specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, dev_prompts, scope, field)
 
     description = typed(data["description"], "description", str)
     if "\n" in description.strip():
@@ -350,7 +354,7 @@ def check_persona(name_or_path, samples_per_topic=100):
         f"style: {'lowercase, ' if persona.lowercase else ''}1 to {persona.max_words} words per reply"
         + (f" in at most {persona.max_sentences} sentences" if persona.max_sentences < 1_000 else "") + "; "
         f"defaults: {persona.num_samples:,} conversations, {persona.test_size:,} of them for test",
-        f"{'topic':20s} {'phrasings':>9s} {'user inputs':>15s} {'replies':>7s} {'reply texts':>11s} {'eval':>4s}",
+        f"{'topic':20s} {'phrasings':>9s} {'user inputs':>15s} {'replies':>7s} {'reply texts':>11s} {'eval':>4s} {'dev':>4s}",
     ]
     totals = [0, 0, 0]  # user inputs, replies, conversations
     for topic in persona.specs.values():
@@ -361,15 +365,15 @@ def check_persona(name_or_path, samples_per_topic=100):
         totals = [totals[0] + inputs, totals[1] + replies, totals[2] + inputs * replies]
         lines.append(
             f"{topic.name:20s} {len(topic.ask):9d} {inputs:15,d} "
-            f"{len(topic.replies):7d} {replies:11,d} {len(topic.eval):4d}"
+            f"{len(topic.replies):7d} {replies:11,d} {len(topic.eval):4d} {len(topic.dev):4d}"
         )
-    cases = persona.eval_cases()
+    cases = persona.eval_cases() + persona.eval_cases("dev")
     producible = [prompt for prompt, _, _ in cases if persona.producible(prompt)]
     lines += [
         f"{len(persona.topics)} topics; estimated distinct user inputs {totals[0]:,}, replies {totals[1]:,}, "
         f"conversations {totals[2]:,} (upper bounds: different choices can give the same text)",
         f"{samples_per_topic} sampled conversations per topic follow the style rules",
-        f"{len(cases)} eval prompts; "
+        f"{len(persona.eval_cases())} eval and {len(persona.eval_cases('dev'))} dev prompts; "
         + (f"{len(producible)} are NOT held out, the phrasings can produce them: {producible}" if producible else
            "none of them can be produced by the phrasings"),
     ]

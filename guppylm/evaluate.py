@@ -32,12 +32,15 @@ def greedy_replies(model, tokenizer, prompts, max_new_tokens=48, batch_size=32):
     return results
 
 
-def evaluate_model(model, tokenizer, persona="guppy", max_new_tokens=48):
-    """Score a model on its persona pack's held-out prompts. Returns {"scores": {...}, "cases": [...]}."""
+def evaluate_model(model, tokenizer, persona="guppy", max_new_tokens=48, split="eval"):
+    """Score a model on its persona pack's held-out prompts of `split` ("eval": the test split; "dev": the one to
+    tune against). Returns {"scores": {...}, "cases": [...]}."""
     from dataset_builder import load_persona
 
     pack = load_persona(persona)
-    cases = pack.eval_cases()
+    cases = pack.eval_cases(split)
+    if not cases:
+        raise ValueError(f"persona {pack.name!r} has no {split!r} prompts")
     replies = greedy_replies(model, tokenizer, [prompt for prompt, _, _ in cases], max_new_tokens)
     rows = []
     for (prompt, topic, topic_words), (reply, stopped) in zip(cases, replies):
@@ -54,6 +57,7 @@ def evaluate_model(model, tokenizer, persona="guppy", max_new_tokens=48):
     n = len(rows)
     scores = dict(
         persona=pack.name,
+        split=split,
         prompts=n,
         on_topic=sum(r["on_topic"] for r in rows) / n,
         in_style=sum(r["in_style"] for r in rows) / n,
@@ -70,17 +74,17 @@ def format_report(results):
         lines.append(f"[{mark}] {r['topic']:<22.22} {r['prompt']!r} -> {r['reply']!r}")
     s = results["scores"]
     lines.append(
-        f"persona {s['persona']}: {s['prompts']} held-out prompts over {s['topics']} topics | "
+        f"persona {s['persona']}: {s['prompts']} held-out {s['split']} prompts over {s['topics']} topics | "
         f"on-topic {s['on_topic']:.1%} | in style {s['in_style']:.1%}"
     )
     return "\n".join(lines)
 
 
-def run_eval(model_name=None, persona=None, max_new_tokens=48):
+def run_eval(model_name=None, persona=None, max_new_tokens=48, split="eval"):
     """`guppylm eval`: load, score, print; returns the results."""
     from guppylm.chat import load_model
 
     model, tokenizer = load_model(model_name)
-    results = evaluate_model(model, tokenizer, persona or getattr(model.config, "persona", "guppy"), max_new_tokens)
+    results = evaluate_model(model, tokenizer, persona or getattr(model.config, "persona", "guppy"), max_new_tokens, split)
     print(format_report(results))
     return results

@@ -48,6 +48,17 @@ def test_minimal_pack_loads(tmp_path):
     persona = load_persona(write(tmp_path, minimal_pack()))
     assert (persona.name, persona.display_name, persona.topics, persona.max_words) == ("fish", "Fish", ["food"], 8)
     assert persona.eval_cases() == [("got any favourite snacks?", "food", frozenset({"food"}))]
+    assert persona.eval_cases("dev") == []  # the dev split is optional
+
+
+def test_dev_split(tmp_path):
+    pack = minimal_pack()
+    pack["topics"][0]["dev"] = ["what's for dinner?"]
+    persona = load_persona(write(tmp_path, pack))
+    assert persona.eval_cases("dev") == [("what's for dinner?", "food", frozenset({"food"}))]
+    assert persona.eval_cases() == [("got any favourite snacks?", "food", frozenset({"food"}))]
+    with pytest.raises(ValueError, match="split must be 'eval' or 'dev'"):
+        persona.eval_cases("train")
 
 
 def _set(path, value):
@@ -79,6 +90,7 @@ def _set(path, value):
         (_set(["topics", 0, "replies", 2], "i like {snacks}."), "fish.yaml: topics[0].replies[2]: unknown pool 'snacks'"),
         (_set(["topics", 0, "words"], ["fish food"]), "fish.yaml: topics[0].words: 'fish food' is not one lowercase word"),
         (_set(["topics", 0, "eval"], [3]), "fish.yaml: topics[0].eval[0]: must be a str"),
+        (_set(["topics", 0, "dev"], [3]), "fish.yaml: topics[0].dev[0]: must be a str"),
         (_set(["pools", "food"], ["{food}"]), "fish.yaml: topics[0].replies[0]: pools nest more than 20 deep"),
         (_set(["user"], {"openers": ["hey {pal},"]}), "fish.yaml: user.openers[0] (in topic 'food'): unknown pool 'pal'"),
     ],
@@ -135,9 +147,12 @@ def test_shipped_packs():
 
 @pytest.mark.parametrize("name", ["guppy", "bolt"])
 def test_eval_prompts_are_held_out(name):
-    """No phrasing of the pack can produce an eval prompt, so the eval measures generalization."""
+    """No phrasing of the pack can produce an eval or dev prompt, so both measure generalization."""
     persona = load_persona(name)
-    assert [prompt for prompt, _, _ in persona.eval_cases() if persona.producible(prompt)] == []
+    cases = persona.eval_cases() + persona.eval_cases("dev")
+    assert [prompt for prompt, _, _ in cases if persona.producible(prompt)] == []
+    prompts = [prompt.lower() for prompt, _, _ in cases]
+    assert len(set(prompts)) == len(prompts)  # and the two splits share none
 
 
 @pytest.mark.parametrize("name", ["guppy", "bolt"])
