@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 from common import bench_parser, median, peak_rss_mb, report, reset_peak_rss, setup, sync
 from guppylm.configuration_guppylm import PRESETS, GuppyConfig
 from guppylm.modeling_guppylm import GuppyForCausalLM
-from guppylm.tokenizer import build_tokenizer, conversation_texts
-from guppylm.train import TRAIN_PRESETS, Conversations, LengthGroupedBatches, collate, load_conversations
+from guppylm.tokenizer import build_tokenizer, conversation_texts, reply_start_id
+from guppylm.train import (REPLY_START_WEIGHT, TRAIN_PRESETS, UNK_RATE, Conversations, LengthGroupedBatches, collate,
+                           load_conversations, weighted_lm_loss)
 from search_cpu_recipe import training_flops
 
 WINDOW = {"tiny": 50, "cpu": 20, "9m": 10}  # timed steps per repeat: ~1-10 s each on 2 idle CPU cores; x10 on a GPU
@@ -67,7 +68,8 @@ def measure(preset, variant, samples, tokenizer, device, window, warmup, repeats
                             collate_fn=partial(collate_full_context, pad_id=pad, context=context))
     else:
         lengths = [len(s) for s in samples.samples]
-        loader = DataLoader(samples, batch_sampler=LengthGroupedBatches(lengths, hp["batch_size"], seed), collate_fn=partial(collate, pad_id=pad))
+        loader = DataLoader(samples, batch_sampler=LengthGroupedBatches(lengths, hp["batch_size"], seed),
+                            collate_fn=partial(collate, pad_id=pad, reply_start_id=reply_start_id(tokenizer), reply_start_weight=REPLY_START_WEIGHT))
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, never exhausted
 
     reset_peak_rss()
@@ -88,7 +90,10 @@ def measure(preset, variant, samples, tokenizer, device, window, warmup, repeats
         tokens, positions = int((batch["labels"] != -100).sum()), batch["input_ids"].numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant["precision"] == "bf16"):
-            loss = forward(**batch).loss
+            if baseline:
+                loss = forward(**batch).loss
+            else:  # train.py's loss: weighted, the reply's first token counting more
+                loss = weighted_lm_loss(forward(input_ids=batch["input_ids"]).logits, batch["labels"], batch["loss_weights"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -161,7 +166,7 @@ def main():
     for preset in args.presets:
         context = PRESETS[preset]["max_position_embeddings"]
         if context not in encoded:
-            encoded[context] = Conversations(split, tokenizer, context, unk_rate=0.15, seed=42)
+            encoded[context] = Conversations(split, tokenizer, context, unk_rate=UNK_RATE, seed=42)
         preset_rows = [measure(preset, v, encoded[context], tokenizer, device, windows[preset], warmup, args.repeats) for v in variants(device, args.all_variants)]
         baseline = preset_rows[-1]["tokens_per_second"]
         for row in preset_rows:

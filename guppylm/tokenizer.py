@@ -80,6 +80,11 @@ def conversation_texts(dataset) -> Iterable[str]:
             yield message["content"]
 
 
+def reply_start_id(tokenizer: PreTrainedTokenizerFast) -> int:
+    """The last token of the generation prompt (the assistant role name): the reply begins right after it."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True)["input_ids"][-1]
+
+
 def normalize(tokenizer: PreTrainedTokenizerFast, text: str) -> str:
     """The text as the tokenizer sees it; `decode(encode(text))` gives this back when every word is known."""
     return tokenizer.backend_tokenizer.normalizer.normalize_str(text)

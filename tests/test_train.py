@@ -9,10 +9,13 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import guppylm_command
-from guppylm.train import LengthGroupedBatches, collate, latest_checkpoint, train
+from dataset_builder import load_persona
+from guppylm.modeling_guppylm import GuppyForCausalLM
+from guppylm.train import LengthGroupedBatches, collate, latest_checkpoint, train, weighted_lm_loss
 
 
 def test_output_folder_is_complete_and_loss_went_down(trained_tiny_dir):
@@ -28,6 +31,26 @@ def test_output_folder_is_complete_and_loss_went_down(trained_tiny_dir):
     assert generation["eos_token_id"] == 3 and generation["do_sample"] is True
     card = (trained_tiny_dir / "README.md").read_text()
     assert "library_name: transformers" in card and "model-index" in card and "on-topic" in card
+
+
+def test_eval_cli_scores_either_split(trained_tiny_dir, tmp_path):
+    """`guppylm eval` scores the test split by default and the dev split on request; a pack without one says so."""
+    guppy = load_persona("guppy")
+    for split, cases in (("eval", guppy.eval_cases()), ("dev", guppy.eval_cases("dev"))):
+        result = subprocess.run(guppylm_command("eval", "--model", str(trained_tiny_dir), "--split", split, "--max-new-tokens", "6"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"persona guppy: {len(cases)} held-out {split} prompts over 60 topics" in result.stdout
+        assert all(f"{prompt!r} ->" in result.stdout for prompt, _, _ in cases[:5])
+    topic = {"name": "food", "words": ["food"], "ask": ["hungry?"], "replies": ["food!"], "eval": ["snack time?"]}
+    pack = tmp_path / "nodev.yaml"
+    pack.write_text(yaml.safe_dump({"name": "nodev", "display_name": "No dev", "description": "a pack without dev prompts",
+                                    "style": {"lowercase": True, "max_words": 5}, "defaults": {"num_samples": 10, "test_size": 1},
+                                    "topics": [topic]}))
+    result = subprocess.run(guppylm_command("eval", "--model", str(trained_tiny_dir), "--persona", str(pack), "--split", "dev"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "persona 'nodev' has no 'dev' prompts" in result.stderr
 
 
 def test_length_grouped_batches_are_deterministic_and_cover_the_data():
@@ -47,6 +70,22 @@ def test_collate_pads_right_and_masks_padding_out_of_the_loss():
     batch = collate([[2, 5, 6, 3], [2, 7, 3]], pad_id=0)
     assert batch["input_ids"].tolist() == [[2, 5, 6, 3], [2, 7, 3, 0]]
     assert batch["labels"].tolist() == [[2, 5, 6, 3], [2, 7, 3, -100]]
+    assert batch["loss_weights"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    # 9 stands for the assistant role token: the token after it starts the reply, unless it is padding
+    weighted = collate([[2, 9, 6, 3], [2, 7, 9]], pad_id=0, reply_start_id=9, reply_start_weight=5.0)
+    assert weighted["loss_weights"].tolist() == [[1, 1, 5, 1], [1, 1, 1, 0]]
+
+
+def test_weighted_loss_is_the_model_loss_with_unit_weights_and_counts_weighted_tokens_more(tiny_model_dir):
+    model = GuppyForCausalLM.from_pretrained(tiny_model_dir)
+    batch = collate([[2, 9, 6, 3, 5], [2, 7, 3]], pad_id=0)
+    logits = model(input_ids=batch["input_ids"]).logits
+    plain = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert torch.allclose(weighted_lm_loss(logits, batch["labels"], batch["loss_weights"]), plain, atol=1e-6)
+    per_token = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none")
+    weighted = collate([[2, 9, 6, 3, 5]], pad_id=0, reply_start_id=9, reply_start_weight=4.0)
+    expected = (per_token.sum() + 3 * per_token[1]) / (4 + 3)  # the target after 9 (position 2) counts 4 times
+    assert torch.allclose(weighted_lm_loss(logits[:1], weighted["labels"], weighted["loss_weights"]), expected, atol=1e-6)
 
 
 def run_train(out, dataset, *extra, **popen):
