@@ -17,6 +17,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -442,22 +443,20 @@ def test_a_disk_that_fills_during_training_is_one_error_line_and_the_last_checkp
 
 
 def train_recording_losses(out, dataset, seed, steps=8):
-    """train() in-process; every training forward's loss, read by a forward hook."""
-    from guppylm.modeling_guppylm import GuppyForCausalLM
-    from guppylm.train import train
+    """train() in-process; every training step's loss, recorded by wrapping the loss function."""
+    import guppylm.train as training
 
     losses = []
+    weighted_lm_loss = training.weighted_lm_loss
 
-    def record(module, args, output):
-        if isinstance(module, GuppyForCausalLM) and module.training:
-            losses.append(output.loss.item())
+    def recording_loss(*args):
+        loss = weighted_lm_loss(*args)
+        losses.append(loss.item())
+        return loss
 
-    hook = torch.nn.modules.module.register_module_forward_hook(record)
-    try:
-        summary = train(output_dir=str(out), preset="tiny", dataset=str(dataset), max_steps=steps, seed=seed, checkpoint_every=10**6,
-                        eval_every=10**6, run_eval=False)  # fmt: skip
-    finally:
-        hook.remove()
+    with mock.patch.object(training, "weighted_lm_loss", recording_loss):
+        summary = training.train(output_dir=str(out), preset="tiny", dataset=str(dataset), max_steps=steps, seed=seed,
+                                 checkpoint_every=10**6, eval_every=10**6, run_eval=False)  # fmt: skip
     return losses, summary
 
 
