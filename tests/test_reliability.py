@@ -17,7 +17,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -454,7 +453,8 @@ def train_recording_losses(out, dataset, seed, steps=8):
         losses.append(loss.item())
         return loss
 
-    with mock.patch.object(training, "weighted_lm_loss", recording_loss):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "weighted_lm_loss", recording_loss)
         summary = training.train(output_dir=str(out), preset="tiny", dataset=str(dataset), max_steps=steps, seed=seed,
                                  checkpoint_every=10**6, eval_every=10**6, run_eval=False)  # fmt: skip
     return losses, summary
