@@ -12,12 +12,20 @@ PRESETS = {
     "tiny": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64),
 }
 
+# The remote code's entry points, written into every saved config.json so that AutoConfig, AutoModel and
+# AutoModelForCausalLM find them in a program without guppylm (`trust_remote_code=True`).
+AUTO_MAP = {
+    "AutoConfig": "configuration_guppylm.GuppyConfig",
+    "AutoModel": "modeling_guppylm.GuppyModel",
+    "AutoModelForCausalLM": "modeling_guppylm.GuppyForCausalLM",
+}
+
 
 class GuppyConfig(PretrainedConfig):
     """A vanilla GPT: learned positions, pre-LayerNorm blocks, ReLU feed-forward, LM head tied to the embedding."""
 
     model_type = "guppylm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the KV cache, under its names before and after 5.24
 
     def __init__(
         self,
@@ -61,6 +69,7 @@ class GuppyConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     @classmethod
     def from_preset(cls, name, **kwargs):

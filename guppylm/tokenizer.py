@@ -6,7 +6,9 @@ preceded them, the way SentencePiece does it, so decoding restores the exact nor
 Anything outside the vocabulary (an unseen word, an emoji, another script) becomes <unk>; nothing is dropped.
 """
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -70,7 +72,20 @@ def build_tokenizer(texts: Iterable[str], model_max_length: int = 128, min_frequ
         model_max_length=model_max_length,
         padding_side="left",  # batched generation appends on the right, so prompts are padded on the left
         clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # 4.x would add token_type_ids, which no model reads
     )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder, **kwargs):
+    """`tokenizer.save_pretrained(folder)`, loadable by every transformers from 4.57 on without remote code.
+
+    transformers 5 records the class as "TokenizersBackend", a name 4.x does not know; "PreTrainedTokenizerFast"
+    is the same class under the name both read.
+    """
+    tokenizer.save_pretrained(folder, **kwargs)
+    path = Path(folder, "tokenizer_config.json")
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, ensure_ascii=False) + "\n")
 
 
 def conversation_texts(dataset) -> Iterable[str]:

@@ -92,8 +92,8 @@ def test_sdpa_and_eager_attention_agree():
     assert torch.allclose(sdpa(ids, attention_mask=mask).logits[real], eager(ids, attention_mask=mask).logits[real], atol=1e-5)
 
 
-def test_too_long_input_is_a_clear_error(model):
-    with pytest.raises(ValueError, match="longer than the model's context of 64"):
+def test_positions_past_the_context_are_a_clear_error(model):
+    with pytest.raises(ValueError, match="position 64 is past the model's context of 64 tokens"):
         model(torch.randint(4, 50, (1, 65)))
 
 
