@@ -6,15 +6,15 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 MODEL  ?= runs/guppy
 
-.PHONY: setup demo train chat test bench web clean
+.PHONY: setup demo train chat test compat bench web clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[space,export,test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[space,export,test]"
 	touch $@
 
 $(MODEL)/model.safetensors: | setup
@@ -33,6 +33,10 @@ web: train
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the saved model folder under transformers 4.57.6 ... newest, each in its own cached environment (tests/compat/)
+compat: setup
+	$(BIN)/python tests/compat/matrix.py
 
 clean:
 	rm -rf runs artifacts .pytest_cache

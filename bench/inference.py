@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import bench_parser, check, median, peak_rss_mb, report, reset_peak_rss, setup
-from guppylm.chat import encode_prompt, generation_kwargs, load_model, prompt_budget
+from guppylm.inference import generation_kwargs, load_model, prompt_for
 from guppylm.evaluate import greedy_replies
 
 
@@ -130,8 +130,7 @@ def main():
 
     model, tokenizer = load_model(args.model)  # a missing folder says how to train one
     texts = [prompt for prompt, _, _ in load_persona(model.config.persona).eval_cases()][: args.prompts]
-    budget = prompt_budget(model, args.new_tokens)
-    prompts = [encode_prompt(tokenizer, text, budget)[0] for text in texts]  # each (1, T_prompt)
+    prompts = [prompt_for(model, tokenizer, text, args.new_tokens).input_ids for text in texts]  # each (1, T_prompt)
 
     backends = {
         "generate, KV cache": lambda: pytorch_backend(model, use_cache=True),

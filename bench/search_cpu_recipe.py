@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from guppylm.chat import load_model
+from guppylm.inference import load_model
 from guppylm.evaluate import evaluate_model
 from guppylm.train import train
 

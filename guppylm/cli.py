@@ -79,12 +79,16 @@ def add_dataset_commands(sub):
 
 
 def _train(args):
-    from guppylm.train import run_from_args
+    from guppylm.train import train
 
-    run_from_args(args)
+    # an option left unset keeps train()'s default: the recipe's numbers live there, once
+    train(**{key: value for key, value in vars(args).items() if key not in ("func", "command") and value is not None})
 
 
 def _chat(args):
+    from guppylm.folders import local_model
+
+    local_model(args.model)  # a missing folder is one line at once, before torch is imported
     from guppylm.chat import chat
 
     if hasattr(sys.stdin, "reconfigure"):
@@ -103,16 +107,39 @@ def _chat(args):
 
 
 def _eval(args):
+    from guppylm.folders import local_model
+
+    local_model(args.model)  # a missing folder is one line at once, before torch is imported
     from guppylm.evaluate import run_eval
 
     run_eval(args.model, persona=args.persona, max_new_tokens=args.max_new_tokens, split=args.split)
 
 
-def add_model_commands(sub):
-    from guppylm.train import add_train_arguments  # argparse only; the heavy imports happen in the handler
+def add_train_command(sub):
+    train = sub.add_parser("train", help="train a model from scratch (dataset and tokenizer included)")
+    train.add_argument("--preset", default=None, help="model size: cpu, 9m or tiny (default: cpu, or 9m with a GPU)")
+    train.add_argument("--output-dir", default="runs/guppy")
+    train.add_argument("--dataset", default=None, help="dataset folder or Hub repo id (default: build the persona's)")
+    train.add_argument("--persona", default="guppy", help="persona pack for the built-in dataset and evaluation")
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None, help="per process")
+    train.add_argument("--learning-rate", type=float, default=None)
+    train.add_argument("--warmup-steps", type=int, default=None)
+    train.add_argument("--gradient-accumulation-steps", type=int, default=None)
+    train.add_argument("--unk-rate", type=float, default=None, help="fraction of user tokens hidden as <unk> (default 0.25)")
+    train.add_argument("--reply-start-weight", type=float, default=None, help="loss weight of the reply's first token, which names the topic (default 5)")
+    train.add_argument("--eval-every", type=int, default=None, help="steps between held-out losses (default 250)")
+    train.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
+    train.add_argument("--seed", type=int, default=None, help="(default 42)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None)
+    train.add_argument("--no-eval", dest="run_eval", action="store_false", help="skip the held-out prompt evaluation")
+    train.set_defaults(func=_train)
 
-    add_train_arguments(sub.add_parser("train", help="train a model from scratch (dataset and tokenizer included)"))
-    sub.choices["train"].set_defaults(func=_train)
+
+def add_model_commands(sub):
+    add_train_command(sub)
 
     chat = sub.add_parser("chat", help="talk to a trained Guppy")
     chat.add_argument("--model", default=None, help="model folder or Hub repo id (default: $GUPPYLM_MODEL or runs/guppy)")

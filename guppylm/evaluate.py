@@ -15,17 +15,26 @@ MAX_WORDS = 40  # the bar's ceiling; a pack may ask for fewer
 
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts, max_new_tokens=48, batch_size=32):
-    """(reply text, stopped at <|im_end|>) per prompt, batched with left padding."""
+    """(reply text, stopped at <|im_end|>) per prompt, batched with left padding.
+
+    Each prompt is cut as chat cuts it (`prompt_for`: from the left, keeping the generation prompt); a batch
+    generates as far as its tightest row has room, which is at least `max_new_tokens` up to half the context."""
+    from guppylm.inference import prompt_for
+
     results = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        inputs = tokenizer.apply_chat_template(
-            [[{"role": "user", "content": p}] for p in chunk],
-            add_generation_prompt=True, padding=True, truncation=True, return_dict=True, return_tensors="pt",
-            max_length=model.config.max_position_embeddings - max_new_tokens,
-        ).to(model.device)
-        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, temperature=None, top_k=None, top_p=None)
-        for row in output[:, inputs["input_ids"].shape[1] :].tolist():
+        encoded = [prompt_for(model, tokenizer, text, max_new_tokens) for text in prompts[start : start + batch_size]]
+        width = max(p.input_ids.shape[1] for p in encoded)
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(encoded):
+            input_ids[row, width - p.input_ids.shape[1] :] = p.input_ids[0]
+            attention_mask[row, width - p.input_ids.shape[1] :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+            max_new_tokens=min(p.max_new_tokens for p in encoded), do_sample=False, temperature=None, top_k=None, top_p=None,
+        )
+        for row in output[:, width:].tolist():
             stopped = tokenizer.eos_token_id in row
             row = row[: row.index(tokenizer.eos_token_id)] if stopped else row
             results.append((tokenizer.decode(row, skip_special_tokens=True), stopped))
@@ -82,7 +91,7 @@ def format_report(results):
 
 def run_eval(model_name=None, persona=None, max_new_tokens=48, split="eval"):
     """`guppylm eval`: load, score, print; returns the results."""
-    from guppylm.chat import load_model
+    from guppylm.inference import load_model
 
     model, tokenizer = load_model(model_name)
     results = evaluate_model(model, tokenizer, persona or getattr(model.config, "persona", "guppy"), max_new_tokens, split)

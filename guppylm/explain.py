@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from guppylm.chat import encode_prompt, prompt_budget
+from guppylm.inference import generate, prompt_for
 
 TOP_CANDIDATES = 5  # candidates shown per step
 
@@ -38,6 +38,8 @@ class Explanation:
     steps: list[Step]  # one per completion token
     attentions: torch.Tensor  # (layers, heads, T, T) over prompt + completion
     dropped: int  # message tokens cut from the front to fit the context
+    room: int  # how many tokens the reply had room for
+    cut: bool  # the reply stopped at that room, not at the end-of-turn marker
 
 
 def _token(tokenizer, token_id):
@@ -54,18 +56,10 @@ def _token(tokenizer, token_id):
 @torch.no_grad()
 def explain(model, tokenizer, message, streamer=None, **generate_kwargs):
     """Generate a reply to `message` (streamed to `streamer` if given) and return its Explanation."""
-    input_ids, dropped = encode_prompt(tokenizer, message, prompt_budget(model, generate_kwargs.get("max_new_tokens")))
-    input_ids = input_ids.to(model.device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        streamer=streamer,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **generate_kwargs,
-    )
+    prompt = prompt_for(model, tokenizer, message, generate_kwargs.pop("max_new_tokens", None))
+    output = generate(model, prompt, streamer, output_scores=True, return_dict_in_generate=True, **generate_kwargs)
     sequence = output.sequences[0]  # (T,) prompt + completion
-    prompt_length = input_ids.shape[1]
+    prompt_length = prompt.input_ids.shape[1]
 
     steps = []
     for scores, token_id in zip(output.scores, sequence[prompt_length:].tolist()):
@@ -82,7 +76,9 @@ def explain(model, tokenizer, message, streamer=None, **generate_kwargs):
         completion=tokens[prompt_length:],
         steps=steps,
         attentions=torch.cat(attentions).float().cpu(),
-        dropped=dropped,
+        dropped=prompt.dropped,
+        room=prompt.max_new_tokens,
+        cut=tokenizer.eos_token_id not in sequence[prompt_length:].tolist(),
     )
 
 
@@ -100,9 +96,9 @@ def steps_table(explanation):
 
 
 def explain_reply(model, tokenizer, message, **generate_kwargs):
-    """(reply, per-step table) for `guppylm chat --explain`."""
+    """(Explanation, per-step table) for `guppylm chat --explain`."""
     explanation = explain(model, tokenizer, message, **generate_kwargs)
-    return explanation.reply, steps_table(explanation)
+    return explanation, steps_table(explanation)
 
 
 def _component(name, module):

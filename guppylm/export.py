@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from guppylm.chat import encode_prompt, generation_kwargs, load_model, prompt_budget
+from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
+from guppylm.tokenizer import save_tokenizer
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
@@ -58,16 +59,12 @@ class FlatCacheGuppy(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, position_ids, *past):  # past: key, value per layer
-        cache = DynamicCache(list(zip(past[0::2], past[1::2])))
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        present = [tensor for layer in out.past_key_values.layers for tensor in (layer.keys, layer.values)]
-        return out.logits, *present
+        cache = DynamicCache(list(zip(past[0::2], past[1::2])))  # grows in place by this step's keys and values
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        ).logits
+        present = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+        return logits, *present
 
 
 def io_names(num_layers):
@@ -190,24 +187,21 @@ class Verification:
 
 def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
     """Compare the ONNX file at `path` with `model` on `prompts`; whole greedy replies, no sampling."""
-    max_new_tokens = max_new_tokens or model.generation_config.max_new_tokens or 32
     eos = model.generation_config.eos_token_id
     eos_token_ids = set(eos if isinstance(eos, list) else [eos])
     onnx_model = OnnxGuppy(path, model.config)
     worst, identical, seconds_per_token = 0.0, 0, []
-    for prompt in prompts:
-        input_ids, _ = encode_prompt(tokenizer, prompt, prompt_budget(model, max_new_tokens))
+    for message in prompts:
+        prompt = prompt_for(model, tokenizer, message, max_new_tokens)
         with torch.no_grad():
-            full = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids),
-                **generation_kwargs(greedy=True, max_new_tokens=max_new_tokens),
-            )  # (1, T_prompt + T_reply)
+            full = generate(model, prompt, **generation_kwargs(greedy=True))  # (1, T_prompt + T_reply)
             expected_logits = model(full).logits[0, :-1]  # the last token's prediction is never used
-        prompt_ids, expected = input_ids[0].tolist(), full[0, input_ids.shape[1] :].tolist()
+        prompt_ids = prompt.input_ids[0].tolist()
+        expected = full[0, len(prompt_ids) :].tolist()
 
         logits = onnx_model.teacher_forced_logits(prompt_ids, expected)
         worst = max(worst, float(abs(torch.from_numpy(logits) - expected_logits).max()))
-        reply, seconds = onnx_model.greedy(prompt_ids, max_new_tokens, eos_token_ids)
+        reply, seconds = onnx_model.greedy(prompt_ids, prompt.max_new_tokens, eos_token_ids)
         identical += reply == expected
         seconds_per_token.append(seconds)
     return Verification(
@@ -222,7 +216,7 @@ def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
 
 def save_tokenizer_and_configs(model, tokenizer, output_dir):
     """The files the page reads besides the graph; the chat template goes inside tokenizer_config.json."""
-    tokenizer.save_pretrained(output_dir, save_jinja_files=False)
+    save_tokenizer(tokenizer, output_dir, save_jinja_files=False)
     config = json.loads((output_dir / "tokenizer_config.json").read_text())
     missing = [key for key in ("chat_template", "unk_token") if not config.get(key)]
     if missing:

@@ -11,7 +11,7 @@ import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 
-from guppylm.chat import MODEL_FILES as MODEL_REQUIRED
+from guppylm.folders import MODEL_FILES as MODEL_REQUIRED
 from guppylm.errors import HubError, hub_errors
 
 # A model folder must hold MODEL_REQUIRED (what `load_model` needs); the rest (generation config, model card,

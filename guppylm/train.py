@@ -5,7 +5,6 @@ Accelerate handles devices, mixed precision, gradient accumulation, data paralle
 transformers gives the schedule; torch gives AdamW. What is left here is the loop itself.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -22,10 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
-from guppylm.configuration_guppylm import PRESETS, GuppyConfig
+from guppylm import PRESETS, GuppyConfig, GuppyForCausalLM  # registered, so save_pretrained copies their code
 from guppylm.errors import hub_errors
-from guppylm.modeling_guppylm import GuppyForCausalLM
-from guppylm.tokenizer import build_tokenizer, conversation_texts, reply_start_id
+from guppylm.tokenizer import build_tokenizer, conversation_texts, reply_start_id, save_tokenizer
 
 # Optimization settings per size preset (the architectures are in configuration_guppylm.PRESETS).
 # "cpu" was chosen by bench/search_cpu_recipe.py: see the README for the measurements behind it.
@@ -427,13 +425,13 @@ def save_model_folder(model, tokenizer, output_dir, summary, history, started, r
         temperature=0.7,
         top_k=50,
         top_p=0.9,
-        max_new_tokens=48,
+        max_new_tokens=48,  # a reply that runs into the context's end stops there with <|im_end|> (the model's forward)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    save_tokenizer(tokenizer, output_dir)
     write_loss_curve(history, Path(output_dir) / "loss_curve.png")
     results = None
     if run_eval:
@@ -453,34 +451,9 @@ def save_model_folder(model, tokenizer, output_dir, summary, history, started, r
     )
 
 
-def add_train_arguments(parser):
-    parser.add_argument("--preset", choices=list(PRESETS), default=None, help="model size (default: cpu, or 9m with a GPU)")
-    parser.add_argument("--output-dir", default="runs/guppy")
-    parser.add_argument("--dataset", default=None, help="dataset folder or Hub repo id (default: build the persona's)")
-    parser.add_argument("--persona", default="guppy", help="persona pack for the built-in dataset and evaluation")
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="per process")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--warmup-steps", type=int, default=None)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--unk-rate", type=float, default=UNK_RATE, help="fraction of user tokens hidden as <unk>")
-    parser.add_argument("--reply-start-weight", type=float, default=REPLY_START_WEIGHT, help="loss weight of the reply's first token, which names the topic")
-    parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None)
-    parser.add_argument("--no-eval", dest="run_eval", action="store_false", help="skip the held-out prompt evaluation")
-    return parser
+if __name__ == "__main__":  # accelerate launch -m guppylm.train ARGS is `guppylm train ARGS` in every process
+    import sys
 
+    from guppylm.cli import main
 
-def run_from_args(args):
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    return train(**options)
-
-
-if __name__ == "__main__":  # accelerate launch -m guppylm.train ...
-    from guppylm.cli import run
-
-    run(lambda: run_from_args(add_train_arguments(argparse.ArgumentParser(prog="guppylm.train")).parse_args()))
+    main(["train", *sys.argv[1:]])

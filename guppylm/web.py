@@ -109,7 +109,7 @@ def make_server(bundle_dir, port=0):
 
 def serve_web(model_dir=None, port=8000, bundle_dir=None, force=False):
     """`guppylm serve-web`: build the bundle, then serve it until interrupted."""
-    from guppylm.chat import default_model
+    from guppylm.folders import default_model
 
     model_dir, bundle_dir = model_dir or default_model(), bundle_dir or DEFAULT_BUNDLE
     if not Path(model_dir).is_dir():

@@ -21,10 +21,11 @@ try:
     from matplotlib.figure import Figure
 except ImportError as error:
     sys.exit(f"the Space needs gradio and matplotlib ({error}): pip install 'guppylm[space]'")
-from guppylm.chat import default_model, generation_kwargs, load_model, stream_generation
+from guppylm.folders import default_model
+from guppylm.inference import generation_kwargs, load_model, stream_generation
 from guppylm.explain import TOP_CANDIDATES, architecture, explain
 
-MAX_MESSAGE_CHARS = 1000  # more than any context holds; encode_prompt then keeps the end that fits
+MAX_MESSAGE_CHARS = 1000  # more than any context holds; prompt_for then keeps the end that fits
 CONCURRENCY = 4  # generations running at once; the queue holds the rest
 EXAMPLES = [
     "hi guppy!",
@@ -143,8 +144,8 @@ def build_demo(model, tokenizer, name_or_path):
         if not message.strip():
             yield "blub? type a few words and i'll answer.", gr.skip()
             return
-        kwargs = generation_kwargs(temperature=temperature, top_k=int(top_k), max_new_tokens=int(max_new_tokens))
-        settings = f"temperature {temperature:g}, top-k {int(top_k)}, top-p {defaults.top_p or 1:g}"
+        kwargs = generation_kwargs(temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens)
+        settings = f"temperature {kwargs['temperature']:g}, top-k {kwargs['top_k']}, top-p {defaults.top_p or 1:g}"
         # The reply streams from the same generate call that records its scores, so "Inside Guppy" shows
         # exactly the tokens the user saw being drawn.
         run = lambda streamer: explain(model, tokenizer, message, streamer=streamer, **kwargs)

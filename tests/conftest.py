@@ -17,8 +17,9 @@ import torch  # noqa: E402
 from transformers import GenerationConfig
 
 from guppylm import GuppyConfig, GuppyForCausalLM
-from guppylm.tokenizer import build_tokenizer
+from guppylm.tokenizer import build_tokenizer, save_tokenizer
 
+collect_ignore = ["compat"]  # run under other transformers versions, without guppylm: `make compat`
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "artifacts"  # screenshots and load-test numbers land here (git-ignored)
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
@@ -52,7 +53,7 @@ def make_tiny_model(path, seed=0, preset="tiny"):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
     return model, tokenizer
 
 

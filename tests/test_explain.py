@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from guppylm.chat import encode_prompt, load_model
+from guppylm.inference import build_prompt, load_model
 from guppylm.explain import TOP_CANDIDATES, architecture, explain
 
 
@@ -19,7 +19,7 @@ def model_and_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def prompt_ids(model_and_tokenizer):
     """(1, T) ids of a rendered single-turn prompt."""
-    return encode_prompt(model_and_tokenizer[1], "hi, how are you?", max_length=32)[0]
+    return build_prompt(model_and_tokenizer[1], "hi, how are you?", context=32, max_new_tokens=8).input_ids
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 
 from conftest import guppylm_command, make_parrot_model
 from guppylm import export
-from guppylm.chat import load_model
+from guppylm.inference import load_model
 
 
 

@@ -61,7 +61,7 @@ print("RESULT", json.dumps({"ids": ids["input_ids"].tolist(), "logits": logits.t
 PULL_WITH_CHAT = r"""
 import json, sys
 import torch
-from guppylm.chat import load_model
+from guppylm.inference import load_model
 model, tokenizer = load_model(sys.argv[1])
 messages = [{"role": "user", "content": "hello guppy"}]
 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -359,7 +359,7 @@ PULL_ERRORS = r"""
 import contextlib, io, json, sys
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM
-from guppylm.chat import load_model
+from guppylm.inference import load_model
 from guppylm.cli import run
 from guppylm.hub import hub_errors
 from guppylm.train import load_conversations

@@ -3,7 +3,7 @@ faults, determinism, secrets and load. docs/reliability.md is the table of what 
 
 Built on the other suites rather than repeating them: test_tokenizer (control tokens in the template), test_train
 (kill -9 once, bad schema, unwritable folder), test_dataset (same seed, same bytes), test_hub (token in push
-errors), test_space (16 clients), test_web (the browser page's tokenization equals encode_prompt).
+errors), test_space (16 clients), test_web (the browser page's tokenization equals prompt_for).
 """
 
 import json
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import test_space
 from conftest import ARTIFACTS, REPO_ROOT, guppylm_command, make_tiny_model
-from guppylm.chat import encode_prompt, load_model
+from guppylm.inference import build_prompt, load_model, prompt_for
 from guppylm.tokenizer import IM_END, IM_START, SPECIAL_TOKENS
 from guppylm.train import latest_checkpoint
 
@@ -251,24 +251,25 @@ def test_product_code_never_unpickles_or_trusts_remote_code():
     assert not hits, hits
 
 
-# --- 2. control tokens are plain text: chat (encode_prompt, --explain) and the Gradio app ------------------
+# --- 2. control tokens are plain text: chat (prompt_for, --explain) and the Gradio app ------------------
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=range(len(ATTACKS)))
 def test_control_tokens_typed_by_a_user_stay_text_in_chat(trained_tiny_dir, attack):
     model, tokenizer = load_model(trained_tiny_dir)
-    ids = encode_prompt(tokenizer, attack, max_length=model.config.max_position_embeddings - 8)[0][0].tolist()
+    prompt = prompt_for(model, tokenizer, attack, max_new_tokens=8)
+    ids = prompt.input_ids[0].tolist()
     assert structure(tokenizer, ids) == TEMPLATE_MARKERS, tokenizer.convert_ids_to_tokens(ids)
     assert tokenizer.convert_ids_to_tokens(ids[:2] + ids[-2:]) == [IM_START, "▁user", IM_START, "▁assistant"]
-    assert len(ids) <= model.config.max_position_embeddings - 8
+    assert len(ids) + prompt.max_new_tokens <= model.config.max_position_embeddings
 
 
 def test_lone_surrogates_become_replacement_characters(tiny_model_dir):
     """Undecodable bytes in argv reach Python as lone surrogates ("\\udcff"), as does "\\ud800" in JSON; the
-    tokenizer cannot encode them, so encode_prompt maps each to U+FFFD, as a browser's TextEncoder does."""
+    tokenizer cannot encode them, so build_prompt maps each to U+FFFD, as a browser's TextEncoder does."""
     _, tokenizer = load_model(tiny_model_dir)
-    ids = encode_prompt(tokenizer, "food \udcff\ud800 food", 64)[0][0].tolist()
-    assert ids == encode_prompt(tokenizer, "food \ufffd\ufffd food", 64)[0][0].tolist()
+    ids = build_prompt(tokenizer, "food \udcff\ud800 food", 64, 8).input_ids[0].tolist()
+    assert ids == build_prompt(tokenizer, "food \ufffd\ufffd food", 64, 8).input_ids[0].tolist()
 
 
 def test_control_tokens_typed_into_the_space_stay_text(trained_tiny_dir):

@@ -27,7 +27,7 @@ def space_url(tiny_model_dir, tmp_path_factory):
 def test_about_panel_reads_config_and_card(tiny_model_dir, tmp_path):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from guppylm.chat import load_model
+    from guppylm.inference import load_model
 
     spec = importlib.util.spec_from_file_location("space_app", ROOT / "space" / "app.py")
     app = importlib.util.module_from_spec(spec)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ARTIFACTS, PARROT_PROMPTS, free_port, guppylm_command, make_parrot_model, running_server
-from guppylm.chat import encode_prompt, generation_kwargs, load_model, prompt_budget
+from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
 
 # Texts whose tokenization is easy to get subtly wrong: NFKC, case, curly quotes, collapsed whitespace,
 # punctuation spacing, apostrophes, unknown words and scripts, emoji, turn markers typed as text, nothing at all.
@@ -55,11 +55,10 @@ def test_server_serves_page_runtime_and_model_with_browser_mime_types(served):
 
 def python_greedy(model, tokenizer, message, max_new_tokens):
     """What `guppylm chat --greedy` answers: reply ids (EOS included) and the reply text."""
-    input_ids, _ = encode_prompt(tokenizer, message, prompt_budget(model, max_new_tokens))
+    prompt = prompt_for(model, tokenizer, message, max_new_tokens)
     with torch.no_grad():
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                **generation_kwargs(greedy=True, max_new_tokens=max_new_tokens))
-    ids = output[0, input_ids.shape[1] :].tolist()
+        output = generate(model, prompt, **generation_kwargs(greedy=True))
+    ids = output[0, prompt.input_ids.shape[1] :].tolist()
     return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -70,8 +69,7 @@ def test_page_replies_exactly_like_python_and_stays_on_loopback(served, chromium
 
     url, model_dir = served
     model, tokenizer = load_model(model_dir)
-    max_new_tokens = model.generation_config.max_new_tokens
-    budget = prompt_budget(model, max_new_tokens)
+    max_new_tokens = model.generation_config.max_new_tokens  # the page's default, as Python's
     long_message = "the water is warm and nice today. " * 12  # over the prompt budget: cut like Python cuts it
     messages = [*PARROT_PROMPTS[:4], "hi <|im_end|> zebra, how are you?", long_message]
 
@@ -86,11 +84,11 @@ def test_page_replies_exactly_like_python_and_stays_on_loopback(served, chromium
     # tokenizer and chat template: the page's ids are Python's, and so are its decoded texts
     encoded = page.evaluate(
         "([texts, maxNew]) => texts.map((t) => [guppy.tokenizer.encode(t, {add_special_tokens: false}).ids,"
-        " guppy.promptIds(t, maxNew)])", [TRICKY_TEXTS + [long_message], max_new_tokens],
+        " guppy.prompt(t, maxNew).ids])", [TRICKY_TEXTS + [long_message], max_new_tokens],
     )
     for text, (ids, prompt_ids) in zip(TRICKY_TEXTS + [long_message], encoded):
         assert ids == tokenizer(text, add_special_tokens=False)["input_ids"], text
-        assert prompt_ids == encode_prompt(tokenizer, text, budget)[0][0].tolist(), text
+        assert prompt_ids == prompt_for(model, tokenizer, text, max_new_tokens).input_ids[0].tolist(), text
         decoded = page.evaluate("(ids) => guppy.decode(ids)", prompt_ids)
         assert decoded == tokenizer.decode(prompt_ids, skip_special_tokens=True)
 

@@ -67,13 +67,17 @@ export class Guppy {
     this.file = file;
   }
 
-  /** Ids of a single-turn prompt ending in the generation prompt, cut like guppylm.chat.encode_prompt. */
-  promptIds(message, maxNewTokens) {
+  /** The prompt's ids, the message tokens cut from its start, and the reply's room: guppylm.inference.build_prompt.
+   * The reply keeps room for maxNewTokens but never more than half the context; a longer message gives way
+   * from its start; then the reply gets what the context has left, up to maxNewTokens. */
+  prompt(message, maxNewTokens) {
+    const context = this.config.max_position_embeddings;
     const text = this.template.render({ messages: [{ role: "user", content: message }], add_generation_prompt: true });
-    const ids = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
-    const excess = ids.length - Math.max(this.config.max_position_embeddings - maxNewTokens, 8);
+    const all = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+    const dropped = Math.max(all.length - (context - Math.min(maxNewTokens, Math.floor(context / 2))), 0);
     const head = 2; // <|im_start|> user: kept; the start of the message goes
-    return excess > 0 ? [...ids.slice(0, head), ...ids.slice(head + excess)] : ids;
+    const ids = [...all.slice(0, head), ...all.slice(head + dropped)];
+    return { ids, dropped, maxNewTokens: Math.min(maxNewTokens, context - ids.length) };
   }
 
   decode(ids) {
@@ -109,8 +113,9 @@ export class Guppy {
 
   /** Reply token ids as they come (EOS included): greedy at temperature 0, sampled otherwise. */
   async *generate(message, { temperature, topK, topP, maxNewTokens }) {
-    let [ids, past] = [this.promptIds(message, maxNewTokens), this.emptyCache()];
-    for (let n = 0; n < maxNewTokens; n++) {
+    const prompt = this.prompt(message, maxNewTokens);
+    let [ids, past] = [prompt.ids, this.emptyCache()];
+    for (let n = 0; n < prompt.maxNewTokens; n++) {
       const [logits, present] = await this.step(ids, past);
       const token = temperature > 0 ? sample(logits, temperature, topK, topP) : argmax(logits);
       yield token;
