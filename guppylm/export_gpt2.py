@@ -230,13 +230,17 @@ def export_gpt2(model_name, output_dir, overwrite=False, prompts=VERIFY_PROMPTS,
             "greedy_identical": identical,
             "prompts": prompts,
         }
-        if not report["verified"]:
-            raise RuntimeError(
-                f"the GPT-2 export does not match the original: max |logit diff| {worst:.2e} (allowed {ATOL:.0e}), "
-                f"identical greedy replies {identical}/{len(prompts)}"
-            )
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        save_report(staging, report, f"the GPT-2 export does not match the original: max |logit diff| {worst:.2e} "
+                    f"(allowed {ATOL:.0e}), identical greedy replies {identical}/{len(prompts)}")
     return report
+
+
+def save_report(folder, report, mismatch):
+    """Write export_report.json if the export reproduced its source; else raise RuntimeError(`mismatch`), and the
+    export's staging folder is dropped."""
+    if not report["verified"]:
+        raise RuntimeError(mismatch)
+    (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def describe(report):

@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PARROT_PROMPTS, REPO_ROOT, guppylm_command, make_parrot_model
+from conftest import PARROT_PROMPTS, REPO_ROOT, guppylm_command
 from guppylm import export
 from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
 
 JS_DIR = REPO_ROOT / "tests" / "js"  # package.json + package-lock.json pin @huggingface/transformers
-
-
-@pytest.fixture(scope="module")
-def parrot_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parrot")
-    make_parrot_model(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +90,7 @@ def test_graph_interface_is_dynamic_and_named_like_optimum(exported, parrot_mode
     assert torch.allclose(torch.from_numpy(logits)[real], expected[real], atol=export.FP32_ATOL)
 
 
+@pytest.mark.slow  # a whole ONNX export
 def test_a_graph_that_differs_from_pytorch_fails_the_export_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     export_graph = export.export_graph
 
@@ -156,6 +150,7 @@ def test_transformers_js_replies_like_pytorch_from_disk(exported, parrot_model_d
 # --- output folders and bad input -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # fresh CLI processes that import torch
 def test_export_refuses_folders_it_did_not_write_and_asks_before_replacing_its_own(exported, parrot_model_dir, tmp_path):
     out, _ = exported
     project = tmp_path / "project"
@@ -168,6 +163,7 @@ def test_export_refuses_folders_it_did_not_write_and_asks_before_replacing_its_o
     assert (project / "notes.txt").read_text() == "mine" and (out / "onnx" / "model.onnx").is_file()
 
 
+@pytest.mark.slow  # a fresh CLI process that imports torch
 def test_a_tokenizer_id_beyond_the_embedding_fails_in_one_line(parrot_model_dir, tmp_path):
     model_dir = shutil.copytree(parrot_model_dir, tmp_path / "model")
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text())

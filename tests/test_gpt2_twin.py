@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PARROT_PROMPTS, guppylm_command, make_parrot_model
+from conftest import PARROT_PROMPTS, guppylm_command
 from guppylm import export_gpt2
 from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
 
@@ -32,16 +32,9 @@ print("RESULT", json.dumps({"class": type(model).__name__, "module": type(model)
 
 
 @pytest.fixture(scope="module")
-def parrot(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parrot")
-    make_parrot_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def twin(parrot, tmp_path_factory):
+def twin(parrot_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "guppy-gpt2"
-    result = subprocess.run(guppylm_command("export", "gpt2", "--model", parrot, "--output-dir", out), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(guppylm_command("export", "gpt2", "--model", parrot_model_dir, "--output-dir", out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "greedy identical 6/6" in result.stdout
     return out
@@ -71,7 +64,7 @@ def one_error_line(result):
     return lines[0]
 
 
-def test_twin_is_a_stock_gpt2_folder_with_a_card_and_a_report(twin, parrot):
+def test_twin_is_a_stock_gpt2_folder_with_a_card_and_a_report(twin, parrot_model_dir):
     assert {p.name for p in twin.iterdir()} == {
         "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "chat_template.jinja", "README.md", "export_report.json",
@@ -82,17 +75,17 @@ def test_twin_is_a_stock_gpt2_folder_with_a_card_and_a_report(twin, parrot):
     report = json.loads((twin / "export_report.json").read_text())
     assert report["verified"] and report["max_abs_logit_diff"] <= export_gpt2.ATOL and report["format"] == "gpt2"
     card = (twin / "README.md").read_text()
-    assert "GPT-2 twin" in card and parrot.name in card and "trust_remote_code" in card and str(twin) in card
+    assert "GPT-2 twin" in card and parrot_model_dir.name in card and "trust_remote_code" in card and str(twin) in card
 
 
 @pytest.mark.slow  # fresh Python processes that import torch
-def test_twin_answers_exactly_like_guppy_in_a_program_without_guppylm(twin, parrot):
+def test_twin_answers_exactly_like_guppy_in_a_program_without_guppylm(twin, parrot_model_dir):
     pulled = chat_without_guppylm(twin)
     assert pulled["class"] == "GPT2LMHeadModel" and pulled["module"].startswith("transformers.models.gpt2")
-    assert pulled["replies"] == guppy_replies(parrot)  # generation_config.json's max_new_tokens, eos: the same
+    assert pulled["replies"] == guppy_replies(parrot_model_dir)  # generation_config.json's max_new_tokens, eos: the same
 
 
-def test_a_twin_that_differs_fails_the_export_and_writes_nothing(parrot, tmp_path, monkeypatch):
+def test_a_twin_that_differs_fails_the_export_and_writes_nothing(parrot_model_dir, tmp_path, monkeypatch):
     state_dict = export_gpt2.gpt2_state_dict
 
     def slightly_off(model):
@@ -102,14 +95,14 @@ def test_a_twin_that_differs_fails_the_export_and_writes_nothing(parrot, tmp_pat
 
     monkeypatch.setattr(export_gpt2, "gpt2_state_dict", slightly_off)
     with pytest.raises(RuntimeError, match="does not match the original: max"):
-        export_gpt2.export_gpt2(parrot, tmp_path / "out")
+        export_gpt2.export_gpt2(parrot_model_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow  # fresh Python processes that import torch
-def test_overwrite_replaces_only_our_own_export_and_keeps_the_users_files(twin, parrot, tmp_path):
+def test_overwrite_replaces_only_our_own_export_and_keeps_the_users_files(twin, parrot_model_dir, tmp_path):
     command = lambda out, *flags: subprocess.run(  # noqa: E731
-        guppylm_command("export", "gpt2", "--model", parrot, "--output-dir", out, *flags), capture_output=True, text=True, timeout=300
+        guppylm_command("export", "gpt2", "--model", parrot_model_dir, "--output-dir", out, *flags), capture_output=True, text=True, timeout=300
     )
     project = tmp_path / "project"
     project.mkdir()
@@ -125,9 +118,9 @@ def test_overwrite_replaces_only_our_own_export_and_keeps_the_users_files(twin, 
 
 
 @pytest.mark.slow  # fresh Python processes that import torch
-def test_push_format_gpt2_publishes_the_twin_that_loads_without_remote_code(hub, parrot):
+def test_push_format_gpt2_publishes_the_twin_that_loads_without_remote_code(hub, parrot_model_dir):
     result = subprocess.run(
-        guppylm_command("push", "--model", parrot, "--repo-id", "guppy/guppy-gpt2", "--format", "gpt2"),
+        guppylm_command("push", "--model", parrot_model_dir, "--repo-id", "guppy/guppy-gpt2", "--format", "gpt2"),
         env=hub.env(), capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,4 +131,4 @@ def test_push_format_gpt2_publishes_the_twin_that_loads_without_remote_code(hub,
     assert 'from_pretrained("guppy/guppy-gpt2")' in files["README.md"].content.decode()  # the card names the repo
 
     pulled = chat_without_guppylm("guppy/guppy-gpt2", env=hub.env())
-    assert pulled["class"] == "GPT2LMHeadModel" and pulled["replies"] == guppy_replies(parrot)
+    assert pulled["class"] == "GPT2LMHeadModel" and pulled["replies"] == guppy_replies(parrot_model_dir)

@@ -12,23 +12,23 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import PARROT_PROMPTS, free_port, make_parrot_model, running_server
+from conftest import PARROT_PROMPTS, free_port, running_server
 from guppylm.export_gpt2 import export_gpt2
-from guppylm.inference import generate, generation_kwargs, prompt_for
+from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(base URL, the original Guppy and its tokenizer) with `transformers serve TWIN` running."""
+def served(parrot_model_dir, tmp_path_factory):
+    """(base URL, the twin's folder, the original Guppy and its tokenizer) with `transformers serve TWIN` running."""
     folder = tmp_path_factory.mktemp("serve")
-    model, tokenizer = make_parrot_model(folder / "guppy")
-    export_gpt2(folder / "guppy", folder / "gpt2")
+    export_gpt2(parrot_model_dir, folder / "gpt2")
+    model, tokenizer = load_model(parrot_model_dir)
     port = free_port()
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder / "gpt2"),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]  # the folder is the one model it serves
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with running_server(command, f"http://127.0.0.1:{port}/health", folder / "serve.log", 180, env=env) as health:
-        yield health.removesuffix("/health"), str(folder / "gpt2"), model.eval(), tokenizer
+        yield health.removesuffix("/health"), str(folder / "gpt2"), model, tokenizer
 
 
 def guppy_says(model, tokenizer, message):
