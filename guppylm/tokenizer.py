@@ -21,10 +21,15 @@ ROLES = ["user", "assistant", "system"]
 
 # ChatML, single turn in practice. Every consumer - training, chat, the Space, the browser page - renders
 # conversations with this template and nothing else. "<" in message text is followed by a space, so a user
-# who types "<|im_end|>" gets plain symbols, never a turn marker.
+# who types "<|im_end|>" gets plain symbols, never a turn marker. {% generation %} marks what the assistant says
+# (its closing <|im_end|> included) for `return_assistant_tokens_mask` and TRL's assistant-only loss; it renders
+# nothing itself (@huggingface/jinja, which the browser page uses, drops it too).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] | replace('<', '< ') }}<|im_end|>\n"
+    "{% set content = message['content'] | replace('<', '< ') %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ content }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ content }}<|im_end|>{% endif %}{{ '\\n' }}"  # a bare newline after a tag would be trimmed
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

@@ -68,7 +68,7 @@ def build_bundle(model_dir, bundle_dir=DEFAULT_BUNDLE, force=False):
     """
     install_runtime()
     if force or not is_fresh(model_dir, bundle_dir):
-        return export_onnx(Path(model_dir).resolve(), bundle_dir, quantize_int8=True)
+        return export_onnx(Path(model_dir).resolve(), bundle_dir, quantize_int8=True, overwrite=True)
     return None
 
 
@@ -91,9 +91,10 @@ class PageHandler(SimpleHTTPRequestHandler):
     def translate_path(self, path):
         route = unquote(urlsplit(path).path)
         if route.startswith(MODEL_ROUTE):
-            name = route[len(MODEL_ROUTE) :]
-            # the bundle is one flat folder: a name with a slash in it, or "..", never leaves it ("" answers 404)
-            return str(self.bundle_dir / name) if name and "/" not in name and name not in (".", "..") else ""
+            parts = route[len(MODEL_ROUTE) :].split("/")
+            # the bundle's files, and those of its onnx/ folder: "..", "" or anything deeper never leaves it (404)
+            inside = parts[-1] not in ("", ".", "..") and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "onnx"))
+            return str(self.bundle_dir.joinpath(*parts)) if inside else ""
         return super().translate_path(path)
 
     def end_headers(self):

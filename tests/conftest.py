@@ -88,6 +88,14 @@ def make_parrot_model(path):
 
 
 @pytest.fixture(scope="session")
+def parrot_model_dir(tmp_path_factory):
+    """A saved parrot model (make_parrot_model): greedy replies of varied lengths that end in EOS. Read-only."""
+    path = tmp_path_factory.mktemp("parrot")
+    make_parrot_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved random tiny GuppyLM folder (config with auto_map, safetensors, code, tokenizer, generation config)."""
     path = tmp_path_factory.mktemp("tiny-model")

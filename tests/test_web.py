@@ -43,7 +43,7 @@ def test_server_serves_page_runtime_and_model_with_browser_mime_types(served):
         "guppy.js": "text/javascript",
         "vendor/ort.wasm.min.mjs": "text/javascript",  # browsers refuse module scripts of other types
         "vendor/ort-wasm-simd-threaded.wasm": "application/wasm",  # and streaming wasm compilation too
-        "model/model.onnx": "application/octet-stream",
+        "model/onnx/model.onnx": "application/octet-stream",
         "model/tokenizer.json": "application/json",
     }
     for path, content_type in expected.items():
@@ -93,7 +93,7 @@ def test_page_replies_exactly_like_python_and_stays_on_loopback(served, chromium
         assert decoded == tokenizer.decode(prompt_ids, skip_special_tokens=True)
 
     # greedy replies from the fp32 graph: token for token what model.generate gives
-    page.select_option("#variant", "model.onnx")
+    page.select_option("#variant", "onnx/model.onnx")
     expect(ready).to_have_count(1, timeout=30_000)
     page.fill("#temperature", "0")
     finished = page.locator("#conversation li.guppy[data-ids]")  # data-ids is set when a reply is complete
@@ -111,7 +111,7 @@ def test_page_replies_exactly_like_python_and_stays_on_loopback(served, chromium
 
     # int8 graph, sampled: a reply streams in and the page is ready again
     expect(ready).to_have_count(1)
-    page.select_option("#variant", "model_int8.onnx")
+    page.select_option("#variant", "onnx/model_quantized.onnx")
     expect(ready).to_have_count(1, timeout=30_000)
     page.fill("#temperature", "0.8")
     page.get_by_role("button", name="are you hungry?").click()

@@ -71,7 +71,7 @@ export class Guppy {
    * The reply keeps room for maxNewTokens but never more than half the context; a longer message gives way
    * from its start; then the reply gets what the context has left, up to maxNewTokens. */
   prompt(message, maxNewTokens) {
-    const context = this.config.max_position_embeddings;
+    const context = this.config.n_positions; // config.json is the GPT-2 twin's
     const text = this.template.render({ messages: [{ role: "user", content: message }], add_generation_prompt: true });
     const all = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
     const dropped = Math.max(all.length - (context - Math.min(maxNewTokens, Math.floor(context / 2))), 0);
@@ -103,7 +103,7 @@ export class Guppy {
 
   /** The empty cache of the first step: (1, heads, 0, head_dim) per layer for keys and values. */
   emptyCache() {
-    const { num_attention_heads: heads, hidden_size: hidden } = this.config;
+    const { n_head: heads, n_embd: hidden } = this.config;
     const past = {};
     for (const name of this.session.inputNames.filter((n) => n.startsWith("past_key_values."))) {
       past[name] = new ort.Tensor("float32", new Float32Array(0), [1, heads, 0, hidden / heads]);

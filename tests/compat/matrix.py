@@ -42,6 +42,9 @@ def build_reference(folder):
     from conftest import make_parrot_model
 
     model, tokenizer = make_parrot_model(folder / "model")
+    from guppylm.export_gpt2 import export_gpt2
+
+    export_gpt2(folder / "model", folder / "gpt2")  # its GPT-2 twin: test_gpt2_twin.py
     messages = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
     replies, last_logits = [], []
     with torch.no_grad():
@@ -95,7 +98,7 @@ def run(version, folder):
     env.pop("PYTHONPATH", None)
     started = time.perf_counter()
     result = subprocess.run(
-        [str(python), "-m", "pytest", str(HERE / "test_saved_folder.py"), "-q", "-p", "no:cacheprovider",
+        [str(python), "-m", "pytest", str(HERE / "test_saved_folder.py"), str(HERE / "test_gpt2_twin.py"), "-q", "-p", "no:cacheprovider",
          f"--rootdir={HERE}", f"--confcutdir={HERE}", "-o", "addopts=", "--timeout=300"],
         cwd=folder, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )  # cwd is the temporary folder: the checkout (and so guppylm) is not on the path there
