@@ -114,6 +114,10 @@ class Recipe:
         checked("reply_start_weight", self.reply_start_weight, 0, 100, integer=False)
         checked("seed", self.seed, 0, 2**32 - 1)  # numpy's seed range, which set_seed seeds too
 
+    def step_batch_size(self, processes):
+        """Conversations per optimizer step: per process and micro-batch, times processes, times accumulation."""
+        return self.batch_size * processes * self.gradient_accumulation_steps
+
     def json(self):
         """The recipe as JSON types, as checkpoints record it."""
         return json.loads(json.dumps(asdict(self)))
@@ -173,7 +177,7 @@ def prepare_data(recipe, pack, context, accelerator):
     train_rows = checked_conversations(data["train"], f"{where}, split 'train'", context)
     tokenizer = build_tokenizer(conversation_texts({"messages": train_rows}), model_max_length=context)
     train = Conversations(train_rows, tokenizer, context, unk_rate=recipe.unk_rate, seed=recipe.seed)
-    step_batch = recipe.batch_size * accelerator.num_processes * recipe.gradient_accumulation_steps
+    step_batch = recipe.step_batch_size(accelerator.num_processes)
     batches = LengthGroupedBatches([len(s) for s in train.samples], step_batch, recipe.seed)
     if len(batches) == 0:
         raise ValueError(
@@ -184,16 +188,24 @@ def prepare_data(recipe, pack, context, accelerator):
     test_batches, test_label, test_note = [], None, "no test split, so no test loss"
     if "test" in data:
         test_rows = checked_conversations(data["test"], f"{where}, split 'test'", context)
-        test = Conversations(test_rows, tokenizer, context)
-        order = LengthGroupedBatches([len(s) for s in test.samples], EVAL_BATCH_SIZE, recipe.seed, drop_last=False)
-        test_batches = [collate([test[i] for i in b], tokenizer.pad_token_id) for b in list(order)[:EVAL_BATCHES]]
-        seen = {m["content"] for c in train_rows for m in c if m["role"] == "assistant"}
-        overlap = sum(any(m["role"] == "assistant" and m["content"] in seen for m in c) for c in test_rows)
-        test_label = "test loss" if overlap else "held-out loss"
-        test_note = f"{len(test):,} test" + (f" ({overlap:,} with a reply also in train)" if overlap else " (no reply in train)")
+        test_batches, test_label, test_note = prepare_test(test_rows, train_rows, tokenizer, context, recipe.seed)
     cut = f"{train.cut['message']:,} user turns cut from the left, {train.cut['reply']:,} replies cut at the end"
     summary = f"data | {where}: {len(train):,} train conversations, {test_note} | vocab {len(tokenizer):,} | {cut} (context {context})"
     return TrainingData(tokenizer, train, batches, test_batches, test_label, summary)
+
+
+def prepare_test(test_rows, train_rows, tokenizer, context, seed):
+    """(collated test batches, the name of their loss, a note for the log). The loss is "held-out" only when no
+    test reply also appears in train (dataset_builder's test split holds replies out); otherwise "test loss"."""
+    test = Conversations(test_rows, tokenizer, context)
+    order = LengthGroupedBatches([len(s) for s in test.samples], EVAL_BATCH_SIZE, seed, drop_last=False)
+    batches = [collate([test[i] for i in b], tokenizer.pad_token_id) for b in list(order)[:EVAL_BATCHES]]
+    replies = lambda conversation: [m["content"] for m in conversation if m["role"] == "assistant"]
+    seen = {reply for conversation in train_rows for reply in replies(conversation)}
+    overlap = sum(any(reply in seen for reply in replies(conversation)) for conversation in test_rows)
+    if overlap:
+        return batches, "test loss", f"{len(test):,} test ({overlap:,} with a reply also in train)"
+    return batches, "held-out loss", f"{len(test):,} test (no reply in train)"
 
 
 def build_model(recipe, tokenizer, pack, accelerator, compile):
@@ -257,7 +269,8 @@ def train_step(model, optimizer, scheduler, batches, accelerator):
     optimizer.step()
     # Once per optimizer step, on every process: the Accelerator is made with step_scheduler_with_optimizer=False,
     # because its default steps a prepared scheduler once per process per step (N processes: an N-times-too-fast
-    # decay). So the learning rate at step k is the schedule's at k, for 1 or N processes and any accumulation.
+    # decay). So the learning rate at step k is the schedule's at k, for 1 or N processes and any accumulation
+    # (also when fp16's loss scaler skips a step: the schedule follows the step count, not the updates).
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(step_loss, "mean").item()
@@ -366,7 +379,7 @@ def train(output_dir="runs/guppy", resume=False, overwrite=False, eval_every=250
     set_seed(recipe.seed)
     log = accelerator.print
     log(
-        f"guppylm train | {accelerator.num_processes} process(es) on {accelerator.device} | precision "
+        f"guppylm train | processes {accelerator.num_processes} | device {accelerator.device} | precision "
         f"{accelerator.mixed_precision} (decided by {decided_by}) | model folder {output_dir}, checkpoints in {checkpoint_dir(output_dir)}"
     )
 
@@ -374,7 +387,7 @@ def train(output_dir="runs/guppy", resume=False, overwrite=False, eval_every=250
     data = prepare_data(recipe, pack, context, accelerator)
     log(data.summary)
     model, optimizer, scheduler = build_model(recipe, data.tokenizer, pack, accelerator, compile)
-    step_batch = recipe.batch_size * accelerator.num_processes * recipe.gradient_accumulation_steps
+    step_batch = recipe.step_batch_size(accelerator.num_processes)
     log(
         f"model | preset {recipe.preset} | {accelerator.unwrap_model(model).num_parameters() / 1e6:.2f}M parameters | "
         f"batch {recipe.batch_size} x {accelerator.num_processes} proc x {recipe.gradient_accumulation_steps} accum = {step_batch} | "
@@ -411,39 +424,31 @@ def summarize(recipe, pack, data, progress, accelerator, scheduler, model, decid
     """The whole run in numbers (resumed segments included): training_summary.json and the model card."""
     history = progress.history
     return dict(
-        preset=recipe.preset,
+        recipe.json(),  # preset, batch_size, learning_rate, warmup_steps, weight_decay, unk_rate, seed, ...
         persona=pack.name,
         persona_display_name=pack.display_name,
         persona_description=pack.description,
-        parameters=accelerator.unwrap_model(model).num_parameters(),
-        steps=progress.step,
-        tokens=progress.tokens,
-        train_seconds=round(progress.train_seconds, 1),
-        tokens_per_second=round(progress.tokens / max(progress.train_seconds, 1e-9)),
-        first_train_loss=round(history["train_loss"][0], 4) if history["train_loss"] else None,
-        final_train_loss=round(ema(history["train_loss"]), 4) if history["train_loss"] else None,
-        final_eval_loss=round(history["eval_loss"][-1], 4) if history["eval_loss"] else None,
-        eval_loss_name=data.test_label,
-        final_learning_rate=scheduler.get_last_lr()[0],
-        resumed_at_steps=progress.resumed_at,
-        processes=accelerator.num_processes,
-        device=str(accelerator.device),
-        precision=accelerator.mixed_precision,
-        precision_decided_by=decided_by,
-        effective_batch_size=recipe.batch_size * accelerator.num_processes * recipe.gradient_accumulation_steps,
-        batch_size=recipe.batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        learning_rate=recipe.learning_rate,
-        warmup_steps=recipe.warmup_steps,
-        weight_decay=recipe.weight_decay,
-        unk_rate=recipe.unk_rate,
-        reply_start_weight=recipe.reply_start_weight,
-        seed=recipe.seed,
         dataset=recipe.dataset or f"built in: dataset_builder persona {pack.name!r}",
         dataset_is_hub_repo=recipe.dataset is not None and not Path(recipe.dataset).exists(),
         train_samples=len(data.train),
         cut_user_turns=data.train.cut["message"],
         cut_replies=data.train.cut["reply"],
+        parameters=accelerator.unwrap_model(model).num_parameters(),
+        processes=accelerator.num_processes,
+        effective_batch_size=recipe.step_batch_size(accelerator.num_processes),
+        device=str(accelerator.device),
+        precision=accelerator.mixed_precision,
+        precision_decided_by=decided_by,
+        steps=progress.step,
+        tokens=progress.tokens,
+        train_seconds=round(progress.train_seconds, 1),
+        tokens_per_second=round(progress.tokens / max(progress.train_seconds, 1e-9)),
+        resumed_at_steps=progress.resumed_at,
+        first_train_loss=round(history["train_loss"][0], 4) if history["train_loss"] else None,
+        final_train_loss=round(ema(history["train_loss"]), 4) if history["train_loss"] else None,
+        final_eval_loss=round(history["eval_loss"][-1], 4) if history["eval_loss"] else None,
+        eval_loss_name=data.test_label,
+        final_learning_rate=scheduler.get_last_lr()[0],
         history=history,
     )
 

@@ -192,7 +192,7 @@ def test_two_processes_train_on_the_one_process_schedule_and_track_its_losses(tm
                "--batch-size", "16", "--checkpoint-every", "10", "--output-dir", str(tmp_path / "two")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and "batch 16 x 2 proc x 1 accum = 32" in result.stdout
+    assert "processes 2 | device cpu" in result.stdout and "batch 16 x 2 proc x 1 accum = 32" in result.stdout
     two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
     assert two["processes"] == 2 and two["steps"] == steps and two["tokens"] == one["tokens"]
 
@@ -230,7 +230,7 @@ def test_an_accelerate_config_file_decides_the_precision(tmp_path, dataset_600):
                "--preset", "tiny", "--dataset", str(dataset_600), "--output-dir", str(tmp_path / "out"), "--max-steps", "3", "--no-eval"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines()[0].startswith("guppylm train | 1 process(es) on cpu | precision bf16 (decided by accelerate launch)")
+    assert result.stdout.splitlines()[0].startswith("guppylm train | processes 1 | device cpu | precision bf16 (decided by accelerate launch)")
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["precision_decided_by"] == "accelerate launch"
 
