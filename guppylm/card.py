@@ -56,9 +56,9 @@ def write_model_card(output_dir, summary, repo_id=None):
 
     The usage snippet loads `repo_id` when the card is rendered for a push, else the folder itself.
     """
-    from transformers import AutoConfig
+    from guppylm import GuppyConfig  # guppylm's own class: AutoConfig would ask to run the folder's copy of it
 
-    config = AutoConfig.from_pretrained(output_dir)
+    config = GuppyConfig.from_pretrained(output_dir)
     name = f"GuppyLM {summary['preset']} ({summary['persona']})"
     display_name, description = persona_words(summary)
     eval_loss = (
