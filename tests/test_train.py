@@ -351,9 +351,11 @@ def test_an_output_dir_that_is_a_file_fails_before_training(tmp_path):
 # --- a persona pack travels with its model -----------------------------------------------------------------------
 
 
-def test_a_pack_file_travels_with_its_model(tmp_path, monkeypatch):
+def test_a_pack_file_travels_with_its_model(tmp_path, monkeypatch, hub):
     """`--persona path/to/pack.yaml`: config.json names the pack, the folder carries a copy, `guppylm eval` finds it
-    from any directory, and the card speaks of that persona, not of a small fish."""
+    from any directory, the card speaks of that persona, not of a small fish, and `guppylm push` publishes the
+    folder as it is, pack included, with the card re-rendered for the repo."""
+    from test_hub import head, run
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))  # the pack's dataset is built there
@@ -374,3 +376,8 @@ def test_a_pack_file_travels_with_its_model(tmp_path, monkeypatch):
                             cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"persona fern: {len(load_persona(out / 'persona.yaml').eval_cases())} held-out eval prompts" in result.stdout
+
+    run(hub, ["-m", "guppylm.cli", "push", "--model", str(out), "--repo-id", "someone/fern"])
+    files = head(hub, "model", "someone/fern").files
+    assert set(files) == {".gitattributes", *(p.name for p in out.iterdir())} and "persona.yaml" in files
+    assert 'from_pretrained("someone/fern", trust_remote_code=True)' in files["README.md"].content.decode()
