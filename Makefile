@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 $(MODEL)/model.safetensors: | setup
-	$(BIN)/guppylm train --output-dir $(MODEL)
+	$(BIN)/guppylm train --output-dir $(MODEL) --resume
 
 train: $(MODEL)/model.safetensors
 

@@ -100,9 +100,14 @@ def conversation_texts(dataset) -> Iterable[str]:
             yield message["content"]
 
 
-def reply_start_id(tokenizer: PreTrainedTokenizerFast) -> int:
-    """The last token of the generation prompt (the assistant role name): the reply begins right after it."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True)["input_ids"][-1]
+def turn_headers(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:
+    """(user header, reply header): the token ids that open a user turn (`<|im_start|>user\n`) and the assistant's
+    reply (the generation prompt, `<|im_start|>assistant\n`), read from the chat template itself. Message text can
+    never produce them, because the template escapes "<": a user typing "assistant" gives the word, not a header."""
+    probe = [{"role": "user", "content": ""}]
+    turn = tokenizer.apply_chat_template(probe, return_dict=True)["input_ids"]  # <|im_start|> user <|im_end|>
+    prompt = tokenizer.apply_chat_template(probe, add_generation_prompt=True, return_dict=True)["input_ids"]
+    return turn[:-1], prompt[len(turn) :]
 
 
 def normalize(tokenizer: PreTrainedTokenizerFast, text: str) -> str:

@@ -26,7 +26,7 @@ import test_space
 from conftest import ARTIFACTS, REPO_ROOT, guppylm_command, make_tiny_model
 from guppylm.inference import build_prompt, load_model, prompt_for
 from guppylm.tokenizer import IM_END, IM_START, SPECIAL_TOKENS
-from guppylm.train import latest_checkpoint
+from guppylm.checkpoints import checkpoint_dir, latest_checkpoint
 
 space_server = test_space.space_url  # `python space/app.py` on loopback with the tiny model; this module gets its own
 
@@ -340,11 +340,11 @@ def start_training(out, dataset, *extra):
 
 
 def partials(out):
-    return sorted(p.name for p in Path(out, "checkpoints").glob(".partial-*"))
+    return sorted(p.name for p in checkpoint_dir(out).glob(".partial-*"))
 
 
 def assert_checkpoints_complete(out):
-    for folder in Path(out, "checkpoints").glob("step-*"):
+    for folder in checkpoint_dir(out).glob("step-*"):
         assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
         assert load_file(folder / "model.safetensors"), folder
 
@@ -369,7 +369,7 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume(tmp_path, small
         killed_mid_write.append(bool(set(partials(out)) - stale))
         assert_checkpoints_complete(out)
         if cycle == 0:  # a leftover that looks newer than anything real: resume must never pick it up
-            decoy = out / "checkpoints" / ".partial-step-0009999"
+            decoy = checkpoint_dir(out) / ".partial-step-0009999"
             decoy.mkdir(exist_ok=True)
             (decoy / "model.safetensors").write_bytes(b"half a file")
     assert any(killed_mid_write), "no kill landed during a checkpoint write"
@@ -387,7 +387,7 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume(tmp_path, small
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
-    assert (out / "checkpoints" / ".partial-step-0009999" / "model.safetensors").read_bytes() == b"half a file"
+    assert not checkpoint_dir(out).exists()  # the finished run's checkpoints (and the decoy among them) are gone
 
 
 def _tmpfs(path, size):
@@ -400,13 +400,13 @@ def _tmpfs(path, size):
 
 
 def test_a_full_disk_fails_before_training_and_leaves_nothing(tmp_path):
-    from guppylm.train import check_output_dir
+    from guppylm.train import Recipe, check_folders
 
     disk = _tmpfs(tmp_path / "disk", "512k")
     try:
         with pytest.raises(OSError, match=r"cannot write to output directory .*: No space left on device"):
-            check_output_dir(disk / "out")
-        assert list((disk / "out").iterdir()) == []  # the probe's half megabyte is not left on the full disk
+            check_folders(disk / "out", Recipe(preset="tiny"), resume=False, overwrite=False)
+        assert list(disk.iterdir()) == []  # the probe's half megabyte is not left on the full disk
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
 

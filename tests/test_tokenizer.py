@@ -2,7 +2,7 @@
 
 import pytest
 
-from guppylm.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer, conversation_texts, normalize, reply_start_id
+from guppylm.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer, conversation_texts, normalize, turn_headers
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_chat_template_is_the_training_format(tokenizer):
     whole = tokenizer(full, add_special_tokens=False)["input_ids"]
     assert whole[: len(prompt)] == prompt  # the generation prompt is exactly the start of a training sample
     assert tokenizer.convert_ids_to_tokens(prompt[-2:]) == [IM_START, "▁assistant"]
-    assert reply_start_id(tokenizer) == prompt[-1]  # training weighs the token after it: the reply's first word
+    # training finds turns by these headers and weighs the token after the reply header: the reply's first word
+    assert turn_headers(tokenizer) == (prompt[:2], prompt[-2:])
     assert tokenizer.unk_token_id not in whole
 
 
