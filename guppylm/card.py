@@ -1,11 +1,14 @@
 """The model folder's human side: the loss curve and the model card (huggingface_hub's ModelCard)."""
 
 import platform
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+TEMPLATE = files("guppylm") / "templates" / "model_card.md"  # package data: a wheel install has it too
+# The transformers releases `make compat` loads a saved folder's code under (tests/compat/matrix.py runs these).
+TESTED_TRANSFORMERS = ("4.57.6", "5.0.0", "5.24.0", "5.25.0")
 
 
 def write_loss_curve(history, path):
@@ -38,13 +41,13 @@ def hardware_name(device):
 
 
 def write_model_card(output_dir, summary, repo_id=None):
-    """README.md for the model folder, from the top-level model_card.md template and the training summary.
+    """README.md for the model folder, from the guppylm/templates/model_card.md template and the training summary.
 
     The usage snippet loads `repo_id` when the card is rendered for a push, else the folder itself.
     """
-    from transformers import AutoConfig
+    from guppylm.configuration_guppylm import GuppyConfig
 
-    config = AutoConfig.from_pretrained(output_dir)
+    config = GuppyConfig.from_pretrained(output_dir)  # not AutoConfig: under `guppylm push` nothing registered it
     name = f"GuppyLM {summary['preset']} ({summary['persona']})"
     eval_results, eval_summary = None, "Not evaluated (trained with --no-eval)."
     s = summary.get("eval")
@@ -78,12 +81,13 @@ def write_model_card(output_dir, summary, repo_id=None):
     )
     card = ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE),
+        template_str=TEMPLATE.read_text(encoding="utf-8"),
         model_name=name,
         display_name=summary["persona"].capitalize(),
         repo_id=repo_id or str(output_dir),
         hardware=hardware_name(summary["device"]),
         eval_summary=eval_summary,
+        tested_transformers=", ".join(TESTED_TRANSFORMERS),
         **{k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings", "vocab_size")},
         **{**summary, "parameters": f"{summary['parameters']:,}", "tokens": f"{summary['tokens']:,}", "tokens_per_second": f"{summary['tokens_per_second']:,}"},
     )
