@@ -74,16 +74,16 @@ def venv(name, *installs):
     """A cached virtual environment CACHE/…-`name` with the torch installed here, then each list of `uv pip install`
     arguments in turn; its python. Made once (uv's cache shares the files between environments); a half-made one
     is made again."""
-    venv = CACHE / f"py{sys.version_info.major}.{sys.version_info.minor}-torch{torch.__version__}-{name}"
-    python = venv / "bin" / "python"
-    if (venv / ".complete").is_file():
+    folder = CACHE / f"py{sys.version_info.major}.{sys.version_info.minor}-torch{torch.__version__}-{name}"
+    python = folder / "bin" / "python"
+    if (folder / ".complete").is_file():
         return python
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([*UV, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    subprocess.run([*UV, "venv", "-q", "--python", sys.executable, str(folder)], check=True)
     first, *rest = installs
     for arguments in ([str(torch_wheel()), *first], *rest):  # the wheel, a direct requirement, keeps this torch
         subprocess.run([*UV, "pip", "install", "-q", "--python", str(python), *arguments], check=True)
-    (venv / ".complete").touch()
+    (folder / ".complete").touch()
     return python
 
 
