@@ -3,6 +3,7 @@
 import random
 import re
 from collections import Counter
+from importlib.resources import files
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +14,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .persona import PersonaError, load_persona
 
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = files("dataset_builder") / "templates"  # package data: a wheel install has it too
 # Words (apostrophes kept inside) and single punctuation marks: a stand-in for the word-level tokenizer built later.
 _TOKEN = re.compile(r"[\w']+|[^\w\s]")
 _SIZE_CATEGORIES = [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"), (float("inf"), "n>1M")]
@@ -189,7 +190,7 @@ def save_dataset(dataset_dict, persona, output_dir):
     examples = {persona.topics[label]: train[index] for label, index in first.items()}
     card = DatasetCard.from_template(
         card_data,
-        template_path=str(TEMPLATES / "dataset_card.md"),
+        template_str=(TEMPLATES / "dataset_card.md").read_text(encoding="utf-8"),
         persona=persona,
         stats=stats,
         examples=examples,

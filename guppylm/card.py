@@ -1,11 +1,14 @@
 """The model folder's human side: the loss curve and the model card (huggingface_hub's ModelCard)."""
 
 import platform
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+TEMPLATE = files("guppylm") / "templates" / "model_card.md"  # package data: a wheel install has it too
+# The transformers releases `make compat` loads a saved folder's code under (tests/compat/matrix.py runs these).
+TESTED_TRANSFORMERS = ("4.57.6", "5.0.0", "5.24.0", "5.25.0")
 
 
 def write_loss_curve(history, path, eval_name="held-out loss"):
@@ -52,13 +55,13 @@ def persona_words(summary):
 
 
 def write_model_card(output_dir, summary, repo_id=None):
-    """README.md for the model folder, from the top-level model_card.md template and the training summary.
+    """README.md for the model folder, from the guppylm/templates/model_card.md template and the training summary.
 
     The usage snippet loads `repo_id` when the card is rendered for a push, else the folder itself.
     """
-    from guppylm import GuppyConfig  # guppylm's own class: AutoConfig would ask to run the folder's copy of it
+    from guppylm.configuration_guppylm import GuppyConfig
 
-    config = GuppyConfig.from_pretrained(output_dir)
+    config = GuppyConfig.from_pretrained(output_dir)  # not AutoConfig: under `guppylm push` nothing registered it
     name = f"GuppyLM {summary['preset']} ({summary['persona']})"
     display_name, description = persona_words(summary)
     eval_loss = (
@@ -99,6 +102,7 @@ def write_model_card(output_dir, summary, repo_id=None):
     values.update({key: f"{summary[key]:,}" for key in ("parameters", "tokens", "tokens_per_second")})
     values.update({k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings", "vocab_size")})
     values.update(
+        tested_transformers=", ".join(TESTED_TRANSFORMERS),
         model_name=name,
         display_name=display_name,
         persona_description=description,
@@ -107,6 +111,6 @@ def write_model_card(output_dir, summary, repo_id=None):
         hardware=hardware_name(summary["device"]),
         eval_summary=eval_summary,
     )
-    card = ModelCard.from_template(card_data, template_path=str(TEMPLATE), **values)
+    card = ModelCard.from_template(card_data, template_str=TEMPLATE.read_text(encoding="utf-8"), **values)
     card.save(Path(output_dir) / "README.md")
     return card
