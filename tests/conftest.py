@@ -199,9 +199,9 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def chromium():
-    """Debian's headless Chromium under Playwright. Missing: skipped on a laptop, a failure in CI."""
+    """Debian's headless Chromium under Playwright, one per test module. Missing: skipped on a laptop, a failure in CI."""
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail(f"CI needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
