@@ -6,19 +6,16 @@ import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import pytest
 import torch
 
-from conftest import ARTIFACTS, FISH_LINES, REPO_ROOT as ROOT, free_port, running_server
+from conftest import ARTIFACTS, DESKTOP, FISH_LINES, PHONE, REPO_ROOT as ROOT, WatchedPage, free_port, running_server
 from guppylm import GuppyConfig, GuppyForCausalLM
 from guppylm.inference import LIMITS
 from guppylm.tokenizer import build_tokenizer, save_tokenizer
 
 DEMO = json.loads((ROOT / "space" / "web" / "demo.json").read_text())
-PHONE = {"width": 390, "height": 844}
-DESKTOP = {"width": 1280, "height": 800}
 
 
 def load_app():
@@ -79,6 +76,34 @@ def test_about_panel_tells_what_guppy_is_from_its_own_files(trained_tiny_dir, tm
     about = app.about_markdown(model, str(bare))
     assert "How it was made" not in about and "How well" not in about and DEMO["single_turn"] in about
     assert app.duration(252) == "4 min 12 s" and app.duration(42.4) == "42 s"
+
+
+def test_a_failed_generation_answers_in_character_and_gives_the_input_back(tiny_model_dir, monkeypatch):
+    """The chat's own reply function, in-process: bad settings and a crash both end in a usable chat."""
+    import inspect
+
+    from guppylm.inference import load_model
+
+    app = load_app()
+    model, tokenizer = load_model(tiny_model_dir)
+    demo = app.build_demo(model, tokenizer, str(tiny_model_dir))
+    reply = inspect.unwrap(next(f.fn for f in demo.fns.values() if f.name == "reply"))
+    history = [{"role": "user", "content": "hi guppy"}]
+
+    *_, (chat, traces, textbox) = reply(history, [], 5, 50, 1.0, 8)  # temperature 5: beyond its slider
+    assert [m["content"] for m in chat[1:]] == [DEMO["error_reply"], "temperature must be a number between 0.05 and 2.0, not 5"]
+    assert traces == [None] and textbox.interactive is True and textbox.submit_btn == DEMO["buttons"]["send"]
+
+    def broken(*args, **kwargs):
+        yield "half a rep", None
+        raise RuntimeError("CUDA out of memory")  # whatever fails mid-reply
+
+    monkeypatch.setattr(app, "stream_trace", broken)
+    demo = app.build_demo(model, tokenizer, str(tiny_model_dir))
+    reply = inspect.unwrap(next(f.fn for f in demo.fns.values() if f.name == "reply"))
+    *_, (chat, traces, textbox) = reply(history, [], 0.7, 50, 1.0, 8)
+    assert [m["content"] for m in chat[1:]] == [DEMO["error_reply"], "The log has the details."]
+    assert traces == [None] and textbox.interactive is True
 
 
 def test_chat_endpoint_round_trip(space_url):
@@ -144,23 +169,6 @@ def test_sixteen_parallel_clients_all_get_replies(space_url):
 # --- in Chromium, as a visitor: a phone in the dark, a desktop in the light ------------------------------------
 
 
-def open_page(chromium, url, viewport, scheme):
-    """A fresh page; returns (page, requested URLs, console errors)."""
-    page = chromium.new_page(viewport=viewport, color_scheme=scheme)
-    requests, errors = [], []
-    page.on("request", lambda request: requests.append(request.url))
-    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-    page.goto(url)
-    return page, requests, errors
-
-
-def assert_fits_and_stays_local(page, requests, errors):
-    assert page.evaluate("document.documentElement.scrollWidth") <= page.viewport_size["width"]  # no sideways scroll
-    outside = {urlsplit(url).hostname for url in requests if urlsplit(url).scheme in ("http", "https", "ws", "wss")}
-    assert outside == {"127.0.0.1"}, f"requests left loopback: {outside}"
-    assert not errors, errors
-
-
 def set_slider(page, label, value):
     field = page.get_by_label(f"number input for {label}")
     field.fill(str(value))
@@ -172,7 +180,9 @@ def set_slider(page, label, value):
 def test_a_phone_in_the_dark_can_chat_stop_retry_clear_and_look_inside(space_url, chromium):
     from playwright.sync_api import expect
 
-    page, requests, errors = open_page(chromium, space_url, PHONE, "dark")
+    watched = WatchedPage(chromium, PHONE, "dark")
+    page = watched.page
+    page.goto(space_url)
     chip = page.get_by_role("button", name=DEMO["examples"][0])
     expect(chip).to_be_in_viewport(timeout=30_000)  # the first example is on screen without scrolling
     assert page.evaluate("matchMedia('(prefers-color-scheme: dark)').matches")
@@ -235,7 +245,7 @@ def test_a_phone_in_the_dark_can_chat_stop_retry_clear_and_look_inside(space_url
     page.get_by_role("tab", name="Inside Guppy").click()
     expect(page.locator("#inside-caption")).to_contain_text("Send Guppy a message")
     expect(read.locator(".tokens .tok")).to_have_count(0)
-    assert_fits_and_stays_local(page, requests, errors)
+    watched.assert_fits_and_stays_local()
 
 
 @pytest.mark.browser
@@ -243,7 +253,9 @@ def test_a_phone_in_the_dark_can_chat_stop_retry_clear_and_look_inside(space_url
 def test_a_desktop_in_the_light_reads_what_guppy_is_and_sees_a_cut_message(space_url, chromium):
     from playwright.sync_api import expect
 
-    page, requests, errors = open_page(chromium, space_url, DESKTOP, "light")
+    watched = WatchedPage(chromium, DESKTOP, "light")
+    page = watched.page
+    page.goto(space_url)
     expect(page.get_by_text("What is Guppy?")).to_be_visible(timeout=30_000)
     expect(page.get_by_text(DEMO["single_turn"]).first).to_be_visible()
     expect(page.get_by_role("button", name=DEMO["examples"][0])).to_be_in_viewport()
@@ -257,4 +269,15 @@ def test_a_desktop_in_the_light_reads_what_guppy_is_and_sees_a_cut_message(space
     expect(page.get_by_text("Your message was cut")).to_be_visible(timeout=30_000)
     expect(textbox).to_be_editable()
     page.screenshot(path=ARTIFACTS / "space-desktop-light.png")
-    assert_fits_and_stays_local(page, requests, errors)
+
+    # the other ends of the sliders: the coolest temperature, every token, no top-p cut, a one-token reply
+    for name, end in (("temperature", 0), ("top_k", 1), ("top_p", 1), ("max_new_tokens", 0)):
+        bound = page.get_by_label(f"range slider for {DEMO['settings'][name]['label']}").get_attribute(("min", "max")[end])
+        set_slider(page, DEMO["settings"][name]["label"], bound)
+    textbox.fill("hi guppy")
+    textbox.press("Enter")
+    expect(page.get_by_test_id("user")).to_have_count(2, timeout=30_000)
+    expect(textbox).to_be_editable(timeout=30_000)
+    expect(page.locator("#chat .thought").last).to_contain_text("The reply hit its limit")  # after one token
+    assert len(page.locator("#chat .message:not(.thought) > [data-testid=bot]").last.inner_text().split()) == 1
+    watched.assert_fits_and_stays_local()

@@ -11,12 +11,14 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import pytest
 import torch
 
-from conftest import ARTIFACTS, PARROT_PROMPTS, REPO_ROOT, free_port, guppylm_command, make_parrot_model, running_server
+from conftest import (
+    ARTIFACTS, DESKTOP, PARROT_PROMPTS, PHONE, REPO_ROOT, WatchedPage, free_port, guppylm_command, make_parrot_model,
+    running_server,
+)
 from guppylm import export, web
 from guppylm.inference import LIMITS, generate, generation_kwargs, load_model, prompt_for
 
@@ -133,30 +135,14 @@ def python_greedy(model, tokenizer, message, max_new_tokens):
     return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def open_page(chromium, url, viewport, scheme):
-    """A fresh page (clipboard allowed, for Copy); returns (page, requested URLs, console errors)."""
-    context = chromium.new_context(viewport=viewport, color_scheme=scheme, permissions=["clipboard-read", "clipboard-write"])
-    page = context.new_page()
-    requests, errors = [], []
-    page.on("request", lambda request: requests.append(request.url))
-    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-    return page, requests, errors
-
-
-def assert_fits_and_stays_local(page, requests, errors):
-    assert page.evaluate("document.documentElement.scrollWidth") <= page.viewport_size["width"]  # no sideways scroll
-    outside = {urlsplit(u).hostname for u in requests if urlsplit(u).scheme in ("http", "https", "ws", "wss")}
-    assert outside == {"127.0.0.1"}, f"requests left loopback: {outside}"
-    assert not errors, errors
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 def test_a_phone_in_the_dark_downloads_chats_stops_retries_and_looks_inside(served, chromium):
     from playwright.sync_api import expect
 
     url, model_dir, bundle, _ = served
-    page, requests, errors = open_page(chromium, url, {"width": 390, "height": 844}, "dark")
+    watched = WatchedPage(chromium, PHONE, "dark", permissions=["clipboard-read", "clipboard-write"])  # for Copy
+    page = watched.page
     held = []  # the runtime's download, held back until the progress bar has been seen
     page.route("**/ort-wasm-simd-threaded.wasm", lambda route: held.append(route))
     page.goto(url)
@@ -228,7 +214,7 @@ def test_a_phone_in_the_dark_downloads_chats_stops_retries_and_looks_inside(serv
     page.get_by_role("button", name=DEMO["buttons"]["clear"]).click()
     expect(page.locator("#conversation li")).to_have_count(0)
     expect(chip).to_be_visible()
-    assert_fits_and_stays_local(page, requests, errors)
+    watched.assert_fits_and_stays_local()
 
 
 @pytest.mark.browser
@@ -242,7 +228,8 @@ def test_the_page_replies_exactly_like_python(served, chromium):
     long_message = "the water is warm and nice today. " * 12  # over the prompt budget: cut like Python cuts it
     messages = [*PARROT_PROMPTS[:4], "hi <|im_end|> zebra, how are you?", long_message]
 
-    page, requests, errors = open_page(chromium, url, {"width": 1280, "height": 800}, "light")
+    watched = WatchedPage(chromium, DESKTOP, "light")
+    page = watched.page
     page.goto(url)
     ready = page.locator("body[data-state=ready]")
     expect(ready).to_have_count(1, timeout=60_000)
@@ -286,4 +273,4 @@ def test_the_page_replies_exactly_like_python(served, chromium):
     expect(finished).to_have_count(len(messages) + 1, timeout=30_000)
     expect(ready).to_have_count(1)
     page.screenshot(path=ARTIFACTS / "web-desktop-light.png", full_page=True)
-    assert_fits_and_stays_local(page, requests, errors)
+    watched.assert_fits_and_stays_local()
