@@ -244,24 +244,60 @@ def inside_caption(trace, turn, total, explanation):
     )
 
 
-# --- the app ---------------------------------------------------------------------------------------------------
+EMPTY_INSIDE = f"Send Guppy a message, then tap **{DEMO['inside']['link']}** under its reply."
+GONE_INSIDE = "This reply was stopped, failed or is too old to look inside; pick another."
 
 
-def build_demo(model, tokenizer, name_or_path):
-    config, defaults = model.config, model.generation_config
-    max_reply = min(LIMITS["max_new_tokens"][1], config.max_position_embeddings)  # prompt_for fits it to the context
-    default_reply = min(defaults.max_new_tokens or max_reply, max_reply)
-    default_settings = (defaults.temperature or 1.0, defaults.top_k or 50, defaults.top_p or 1.0, default_reply)
-    empty_inside = f"Send Guppy a message, then tap **{DEMO['inside']['link']}** under its reply."
+# --- what the events do: answering (a generator, streamed) and looking inside -----------------------------------
 
-    def slider(name, value, step, top=None):
-        low, high = LIMITS[name]
-        words = DEMO["settings"][name]
-        return gr.Slider(low, top or high, value=value, step=step, label=words["label"], info=words["info"])
 
-    # -- answering --
+def start(message, history):
+    """Show the message at once and lock the input (its button becomes Stop) until the reply is done."""
+    return busy_input(value=""), [*history, {"role": "user", "content": message[:MAX_MESSAGE_CHARS]}]
 
-    def reply(history, traces, temperature, top_k, top_p, max_new_tokens):
+
+def start_example(event: gr.SelectData, history):
+    return start(event.value["text"], history)
+
+
+def start_retry(history):
+    """Drop the last reply and its notes; the message before them is answered again."""
+    last_user = max(i for i, message in enumerate(history) if message["role"] == "user")
+    return busy_input(), history[: last_user + 1]
+
+
+def stopped(history, traces):
+    """After Stop: the partial reply stays, marked as stopped; it cannot be looked inside."""
+    history = [*history, notice("⏹️ " + DEMO["notices"]["stopped"], "You stopped this reply.")]
+    return idle_input(), history, traces[: turns(history) - 1] + [None]
+
+
+def cleared():
+    """After Clear: no traces, and Inside Guppy as on arrival."""
+    return [], gr.Dropdown(choices=[], value=None), EMPTY_INSIDE, "", "", ""
+
+
+def reply_choices(history, traces):
+    """The Inside tab's menu: one entry per reply that can be looked inside."""
+    users = [text_of(m) for m in history if m["role"] == "user"]
+    choices = [(f"{i + 1}. {users[i][:40]}", i) for i, trace in enumerate(traces) if trace is not None and i < len(users)]
+    return gr.Dropdown(choices=choices, value=choices[-1][1] if choices else None)
+
+
+class Space:
+    """What the Space does with one model: answer a visitor, and show how an answer was made."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        config, defaults = model.config, model.generation_config
+        self.max_reply = min(LIMITS["max_new_tokens"][1], config.max_position_embeddings)  # prompt_for fits it
+        self.top_k_max = min(LIMITS["top_k"][1], config.vocab_size)
+        self.defaults = dict(
+            temperature=defaults.temperature or 1.0, top_k=defaults.top_k or 50, top_p=defaults.top_p or 1.0,
+            max_new_tokens=min(defaults.max_new_tokens or self.max_reply, self.max_reply),
+        )
+
+    def reply(self, history, traces, temperature, top_k, top_p, max_new_tokens):
         """Stream Guppy's answer to the last message; the last yield also gives the input back."""
         done = idle_input()
         message = text_of(history[-1])
@@ -271,131 +307,140 @@ def build_demo(model, tokenizer, name_or_path):
             return
         try:
             kwargs = settings_kwargs(temperature, top_k, top_p, max_new_tokens)
-            for text, trace in stream_trace(model, tokenizer, message, **kwargs):
+            for text, trace in stream_trace(self.model, self.tokenizer, message, **kwargs):
                 answer = {"role": "assistant", "content": text if trace is None else trace.reply or "…"}
                 if trace is None:
                     yield [*history, answer], gr.skip(), gr.skip()
         except Exception as error:  # noqa: BLE001 - a visitor gets an answer and a usable chat, the log gets the error
             print(f"space: generation failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             detail = str(error).splitlines()[0] if isinstance(error, ValueError) else "The log has the details."
-            yield [*history, {"role": "assistant", "content": DEMO["error_reply"]}, notice("⚠️ Something went wrong", detail)], [*traces, None], done
+            failed = [{"role": "assistant", "content": DEMO["error_reply"]}, notice("⚠️ Something went wrong", detail)]
+            yield [*history, *failed], [*traces, None], done
             return
         yield [*history, answer, *notices(trace)], keep_recent([*traces, trace]), done
 
-    def start(message, history):
-        """Show the message at once and lock the input (its button becomes Stop) until the reply is done."""
-        return busy_input(value=""), [*history, {"role": "user", "content": message[:MAX_MESSAGE_CHARS]}]
+    def api(self):
+        """The `/chat` endpoint: typed arguments (gradio_client reads them) with the model's defaults."""
+        d = self.defaults
 
-    def start_example(event: gr.SelectData, history):
-        return start(event.value["text"], history)
+        def chat(message: str, temperature: float = d["temperature"], top_k: int = d["top_k"],
+                 max_new_tokens: int = d["max_new_tokens"], top_p: float = d["top_p"]) -> Iterator[str]:  # fmt: skip
+            """Guppy's reply to one message (single-turn), streamed; sampling settings default to the model's own."""
+            message = message[:MAX_MESSAGE_CHARS]
+            if not message.strip():
+                yield DEMO["empty_message"]
+                return
+            try:
+                kwargs = settings_kwargs(temperature, top_k, top_p, max_new_tokens)
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+            for text, trace in stream_trace(self.model, self.tokenizer, message, **kwargs):
+                yield text if trace is None else trace.reply or "…"
 
-    def start_retry(history):
-        """Drop the last reply and its notes; the message before them is answered again."""
-        last_user = max(i for i, message in enumerate(history) if message["role"] == "user")
-        return busy_input(), history[: last_user + 1]
+        return chat
 
-    def stopped(history, traces):
-        """After Stop: the partial reply stays, marked as stopped; it cannot be looked inside."""
-        history = [*history, notice("⏹️ " + DEMO["notices"]["stopped"], "You stopped this reply.")]
-        return idle_input(), history, traces[: turns(history) - 1] + [None]
-
-    def api_chat(message: str, temperature: float = default_settings[0], top_k: int = default_settings[1],
-                 max_new_tokens: int = default_settings[3], top_p: float = default_settings[2]) -> Iterator[str]:  # fmt: skip
-        """Guppy's reply to one message (single-turn), streamed; sampling settings default to the model's own."""
-        message = message[:MAX_MESSAGE_CHARS]
-        if not message.strip():
-            yield DEMO["empty_message"]
-            return
-        try:
-            kwargs = settings_kwargs(temperature, top_k, top_p, max_new_tokens)
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
-        for text, trace in stream_trace(model, tokenizer, message, **kwargs):
-            yield text if trace is None else trace.reply or "…"
-
-    # -- looking inside --
-
-    def inside(traces, turn, layer, head):
+    def inside(self, traces, turn, layer, head):
         """Caption, tokens, steps and heatmap for reply `turn`, recomputed from its trace."""
         trace = traces[turn] if turn is not None and turn < len(traces) else None
         if trace is None:
-            why = empty_inside if not traces else "This reply was stopped, failed or is too old to look inside; pick another."
-            return why, "", "", ""
-        explanation = explain_trace(model, tokenizer, trace)
+            return EMPTY_INSIDE if not traces else GONE_INSIDE, "", "", ""
+        explanation = explain_trace(self.model, self.tokenizer, trace)
         caption = inside_caption(trace, turn, len(traces), explanation)
         return caption, tokens_html(explanation.prompt), steps_html(explanation), heatmap_html(explanation, layer, head)
 
-    def reply_choices(history, traces):
-        """The Inside tab's menu: one entry per reply that can be looked inside."""
-        users = [text_of(m) for m in history if m["role"] == "user"]
-        choices = [(f"{i + 1}. {users[i][:40]}", i) for i, trace in enumerate(traces) if trace is not None and i < len(users)]
-        return gr.Dropdown(choices=choices, value=choices[-1][1] if choices else None)
-
-    def open_inside(event: gr.SelectData, history, traces, layer, head):
+    def open_inside(self, event: gr.SelectData, history, traces, layer, head):
         """A tap on a message (its "how was this made?" line) opens Inside Guppy on that turn's reply."""
         turn = turns(history[: event.index + 1]) - 1
         shown = gr.Dropdown(value=turn) if turn < len(traces) and traces[turn] is not None else gr.skip()
-        return gr.Tabs(selected="inside"), shown, *inside(traces, turn, layer, head)
+        return gr.Tabs(selected="inside"), shown, *self.inside(traces, turn, layer, head)
 
-    with gr.Blocks(title=f"{DEMO['title']} 🐟", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
+
+# --- the page ----------------------------------------------------------------------------------------------------
+
+
+def slider(name, value, step, top=None):
+    low, high = LIMITS[name]
+    words = DEMO["settings"][name]
+    return gr.Slider(low, top or high, value=value, step=step, label=words["label"], info=words["info"])
+
+
+def chat_tab(space, about):
+    """The chat, its message box, the Advanced settings and "What is Guppy?". Returns (chatbot, textbox, sliders)."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            chatbot = gr.Chatbot(
+                elem_id="chat", show_label=False, height="62vh", min_height=320, layout="bubble",
+                placeholder=f"**{DEMO['single_turn']}** Tap an example or type below.",
+                examples=[{"text": text} for text in DEMO["examples"]], buttons=["copy"],
+            )  # fmt: skip
+            textbox = gr.Textbox(
+                placeholder=DEMO["placeholder"], label="Your message", show_label=False, max_length=MAX_MESSAGE_CHARS,
+                submit_btn=DEMO["buttons"]["send"], stop_btn=False, elem_id="message", lines=1,
+            )  # fmt: skip
+            with gr.Accordion(DEMO["buttons"]["settings"], open=False):
+                d = space.defaults
+                sliders = [
+                    slider("temperature", d["temperature"], 0.05),
+                    slider("top_k", d["top_k"], 1, top=space.top_k_max),
+                    slider("top_p", d["top_p"], 0.01),
+                    slider("max_new_tokens", d["max_new_tokens"], 1, top=space.max_reply),
+                ]
+        with gr.Column(scale=1, min_width=260, elem_id="about"):
+            gr.Markdown(about)
+    return chatbot, textbox, sliders
+
+
+def inside_tab(model):
+    """Inside Guppy, one plain sentence per section. Returns (reply menu, [caption, tokens, steps, heatmap], layer, head)."""
+    config, arch = model.config, architecture(model)
+    which = gr.Dropdown([], label="Which reply", interactive=True, elem_id="which-reply")
+    caption = gr.Markdown(EMPTY_INSIDE, elem_id="inside-caption")
+    gr.Markdown(f"#### 1 · What Guppy read\n{html.escape(DEMO['inside']['read'])}")
+    read = gr.HTML(elem_id="read", js_on_load=None)
+    gr.Markdown(f"#### 2 · How Guppy chose each token\n{DEMO['inside']['steps']}")
+    steps = gr.HTML(elem_id="steps", js_on_load=None)
+    gr.Markdown(f"#### 3 · Where Guppy looked\n{DEMO['inside']['attention']}")
+    with gr.Row():
+        layer = gr.Radio([(f"layer {i + 1}", i) for i in range(config.num_hidden_layers)], value=0, label="Layer")
+        head = gr.Radio([(f"head {i + 1}", i) for i in range(config.num_attention_heads)], value=0, label="Head")
+    heatmap = gr.HTML(elem_id="heatmap", js_on_load=HEATMAP_JS)
+    gr.Markdown(f"#### 4 · The network\n{DEMO['inside']['network']}")
+    shape = ("layers", "heads", "hidden size", "feed-forward size", "context", "vocabulary")
+    parts = [[name, f"{count:,}"] for name, count in arch["parameters by component"].items()]
+    with gr.Row():
+        gr.Dataframe([[name, arch[name]] for name in shape], headers=["part", "size"], interactive=False)
+        gr.Dataframe([*parts, ["total", f"{arch['parameters']:,}"]], headers=["part", "numbers"], interactive=False)
+    return which, [caption, read, steps, heatmap], layer, head
+
+
+def build_demo(model, tokenizer, name_or_path):
+    space = Space(model, tokenizer)
+    with gr.Blocks(title=DEMO["title"], analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(f"# 🐟 {DEMO['title']}\n{DEMO['tagline']}", elem_id="header")
         traces = gr.State([], time_to_live=SESSION_SECONDS)  # one small Trace (or None) per turn of this visitor's chat
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat-tab"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=3, min_width=300):
-                        chatbot = gr.Chatbot(
-                            elem_id="chat", show_label=False, height="62vh", min_height=320, layout="bubble",
-                            placeholder=f"**{DEMO['single_turn']}** Tap an example or type below.",
-                            examples=[{"text": text} for text in DEMO["examples"]], buttons=["copy"],
-                        )
-                        textbox = gr.Textbox(
-                            placeholder=DEMO["placeholder"], label="Your message", show_label=False, max_length=MAX_MESSAGE_CHARS,
-                            submit_btn=DEMO["buttons"]["send"], stop_btn=False, elem_id="message", lines=1,
-                        )
-                        with gr.Accordion("Advanced", open=False):
-                            temperature = slider("temperature", default_settings[0], 0.05)
-                            top_k = slider("top_k", default_settings[1], 1, top=min(LIMITS["top_k"][1], config.vocab_size))
-                            top_p = slider("top_p", default_settings[2], 0.01)
-                            max_new_tokens = slider("max_new_tokens", default_settings[3], 1, top=max_reply)
-                    with gr.Column(scale=1, min_width=260, elem_id="about"):
-                        gr.Markdown(about_markdown(model, name_or_path))
-            with gr.Tab("Inside Guppy", id="inside") as inside_tab:
-                which = gr.Dropdown([], label="Which reply", interactive=True, elem_id="which-reply")
-                caption = gr.Markdown(empty_inside, elem_id="inside-caption")
-                gr.Markdown(f"#### 1 · What Guppy read\n{html.escape(DEMO['inside']['read'])}")
-                read = gr.HTML(elem_id="read", js_on_load=None)
-                gr.Markdown(f"#### 2 · How Guppy chose each token\n{DEMO['inside']['steps']}")
-                steps = gr.HTML(elem_id="steps", js_on_load=None)
-                gr.Markdown(f"#### 3 · Where Guppy looked\n{DEMO['inside']['attention']}")
-                with gr.Row():
-                    layer = gr.Radio([(f"layer {i + 1}", i) for i in range(config.num_hidden_layers)], value=0, label="Layer")
-                    head = gr.Radio([(f"head {i + 1}", i) for i in range(config.num_attention_heads)], value=0, label="Head")
-                heatmap = gr.HTML(elem_id="heatmap", js_on_load=HEATMAP_JS)
-                gr.Markdown(f"#### 4 · The network\n{DEMO['inside']['network']}")
-                arch = architecture(model)
-                shape = ("layers", "heads", "hidden size", "feed-forward size", "context", "vocabulary")
-                with gr.Row():
-                    gr.Dataframe([[name, arch[name]] for name in shape], headers=["part", "size"], interactive=False)
-                    components = [[name, f"{count:,}"] for name, count in arch["parameters by component"].items()]
-                    gr.Dataframe([*components, ["total", f"{arch['parameters']:,}"]], headers=["part", "numbers"], interactive=False)
+                chatbot, textbox, sliders = chat_tab(space, about_markdown(model, name_or_path))
+            with gr.Tab("Inside Guppy", id="inside") as inside:
+                which, view, layer, head = inside_tab(model)
 
-        sliders = [temperature, top_k, top_p, max_new_tokens]
-        view = [caption, read, steps, heatmap]
+        # Sending: the message shows at once (no queue), then the reply streams; its last update unlocks the input.
         private = dict(api_visibility="private")
-        answer = dict(fn=reply, inputs=[chatbot, traces, *sliders], outputs=[chatbot, traces, textbox], show_progress="hidden", **private)
-        menu = dict(fn=reply_choices, inputs=[chatbot, traces], outputs=which, queue=False, **private)
         instant = dict(queue=False, show_progress="hidden", **private)
+        answer = dict(fn=space.reply, inputs=[chatbot, traces, *sliders], outputs=[chatbot, traces, textbox],
+                      show_progress="hidden", **private)  # fmt: skip
+        menu = dict(fn=reply_choices, inputs=[chatbot, traces], outputs=which, queue=False, **private)
         submitted = textbox.submit(start, [textbox, chatbot], [textbox, chatbot], **instant).then(**answer)
         example = chatbot.example_select(start_example, chatbot, [textbox, chatbot], **instant).then(**answer)
         retried = chatbot.retry(start_retry, chatbot, [textbox, chatbot], **instant).then(**answer)
         for event in (submitted, example, retried):
             event.then(**menu)
-        textbox.stop(stopped, [chatbot, traces], [textbox, chatbot, traces], cancels=[submitted, example, retried], queue=False, **private).then(**menu)
-        chatbot.clear(lambda: ([], gr.Dropdown(choices=[], value=None), empty_inside, "", "", ""), None, [traces, which, *view], queue=False, **private)
-        chatbot.select(open_inside, [chatbot, traces, layer, head], [tabs, which, *view], **private)
-        gr.on([inside_tab.select, which.input, layer.input, head.input], inside, [traces, which, layer, head], view, **private)
-        gr.api(api_chat, api_name="chat", concurrency_limit=CONCURRENCY)
+        textbox.stop(stopped, [chatbot, traces], [textbox, chatbot, traces], cancels=[submitted, example, retried], **instant).then(**menu)
+        chatbot.clear(cleared, None, [traces, which, *view], **instant)
+        # Looking inside: from a reply's link, the tab, the menu, or another layer or head
+        chatbot.select(space.open_inside, [chatbot, traces, layer, head], [tabs, which, *view], **private)
+        gr.on([inside.select, which.input, layer.input, head.input], space.inside, [traces, which, layer, head], view, **private)
+        gr.api(space.api(), api_name="chat", concurrency_limit=CONCURRENCY)
     return demo
 
 
