@@ -197,6 +197,14 @@ def test_a_phone_in_the_dark_downloads_chats_stops_retries_and_looks_inside(serv
     for value in (low, high):
         page.fill("#temperature", str(value))
         expect(page.locator("#send")).to_be_enabled()
+    page.fill("#max-new-tokens", "1")  # a reply that hits its limit says so (greedy: "hello", never EOS first)
+    page.check("#greedy")
+    page.fill("#message", "hi")
+    page.press("#message", "Enter")
+    expect(finished).to_have_count(3, timeout=30_000)
+    expect(finished.last.locator(".notice")).to_have_text(DEMO["notices"]["reply_cut"].format(room=1))
+    page.fill("#max-new-tokens", "24")
+    page.uncheck("#greedy")
 
     # Stop, on a reply slowed to 100 ms a token: it ends early, says so, and the page is ready again
     page.evaluate("""() => { const step = guppy.step.bind(guppy);
@@ -205,7 +213,7 @@ def test_a_phone_in_the_dark_downloads_chats_stops_retries_and_looks_inside(serv
     page.press("#message", "Enter")
     expect(page.locator("#conversation li.guppy").last.locator(".text")).not_to_be_empty(timeout=30_000)
     page.get_by_role("button", name=DEMO["buttons"]["stop"]).click()
-    expect(finished).to_have_count(3, timeout=30_000)
+    expect(finished).to_have_count(4, timeout=30_000)
     expect(finished.last.locator(".notice")).to_have_text(DEMO["notices"]["stopped"])
     assert len(finished.last.get_attribute("data-ids").split(",")) < 10  # the whole reply is ~10 tokens
     expect(ready).to_have_count(1)
