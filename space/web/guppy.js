@@ -51,15 +51,22 @@ function softmax(logits, temperature = 1) {
   return out.map((x) => x / total);
 }
 
-/** Token ids by decreasing probability; equal ones in id order, as torch's sort. */
-const ranked = (probabilities) => Array.from(probabilities.keys()).sort((a, b) => probabilities[b] - probabilities[a] || a - b);
+/** The ids of the `k` most likely tokens, most likely first; equal ones in id order, as torch's topk.
+ * A native numeric sort finds the k-th largest value, so only those k ids are sorted with a comparator. */
+function top(probabilities, k) {
+  k = Math.min(k, probabilities.length);
+  const threshold = Float64Array.from(probabilities).sort()[probabilities.length - k];
+  const ids = [];
+  for (let i = 0; i < probabilities.length; i++) if (probabilities[i] >= threshold) ids.push(i);
+  return ids.sort((a, b) => probabilities[b] - probabilities[a] || a - b).slice(0, k);
+}
 
 /** The distribution a token is drawn from under the settings, in transformers' order: temperature, then top-k,
  * then top-p (the smallest set of most likely tokens whose probability reaches top_p). Greedy: the model's own. */
 function settled(logits, { greedy, temperature, topK, topP }) {
   if (greedy) return softmax(logits);
   const probabilities = softmax(logits, temperature);
-  let kept = ranked(probabilities).slice(0, topK);
+  let kept = top(probabilities, topK);
   let total = kept.reduce((sum, i) => sum + probabilities[i], 0); // top-p reads the chances renormalized over top-k
   if (topP < 1) {
     let mass = 0, inside = 0;
@@ -74,7 +81,7 @@ function settled(logits, { greedy, temperature, topK, topP }) {
 function draw(probabilities) {
   let r = Math.random();
   for (let i = 0; i < probabilities.length; i++) if (probabilities[i] > 0 && (r -= probabilities[i]) <= 0) return i;
-  return ranked(probabilities)[0];
+  return top(probabilities, 1)[0];
 }
 
 export class Guppy {
@@ -171,10 +178,10 @@ export class Guppy {
     for (let n = 0; n < prompt.maxNewTokens && !signal?.aborted; n++) {
       const [logits, present] = await this.step(ids, past);
       const own = softmax(logits);
-      const likeliest = ranked(own);
+      const likeliest = top(own, TOP_CANDIDATES);
       const drawnFrom = settled(logits, settings);
       const id = settings.greedy ? likeliest[0] : draw(drawnFrom);
-      const candidates = likeliest.slice(0, TOP_CANDIDATES).map((i) => [i, drawnFrom[i], own[i]]);
+      const candidates = likeliest.map((i) => [i, drawnFrom[i], own[i]]);
       yield { id, probability: drawnFrom[id], modelProbability: own[id], candidates };
       if (this.eos.has(id)) return;
       [ids, past] = [[id], present];
