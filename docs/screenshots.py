@@ -56,29 +56,25 @@ def space(browser, url):
     shoot(page, "space-phone")
 
 
-def web(browser, url):
-    ready = "body[data-state=ready]"
-    page = browser.new_page(viewport=DESKTOP, color_scheme="light")
+def web_chat(browser, url, viewport, scheme, chip, message):
+    """The page after an example chip and a typed message have both been answered."""
+    page = browser.new_page(viewport=viewport, color_scheme=scheme)
     page.goto(url)
-    expect(page.locator(ready)).to_have_count(1, timeout=60_000)
-    page.get_by_role("button", name="is the water too warm?").click()
-    expect(page.locator(ready)).to_have_count(1, timeout=60_000)
-    page.fill("#message", "hi Zebra, do you like bubbles?")
+    expect(page.locator("body[data-state=ready]")).to_have_count(1, timeout=60_000)
+    page.get_by_role("button", name=chip).click()
+    expect(page.locator("body[data-state=ready]")).to_have_count(1, timeout=60_000)
+    page.fill("#message", message)
     page.press("#message", "Enter")
     expect(page.locator("li.guppy[data-ids]")).to_have_count(2, timeout=60_000)
+    return page
+
+
+def web(browser, url):
+    page = web_chat(browser, url, DESKTOP, "light", "is the water too warm?", "hi Zebra, do you like bubbles?")
     page.locator("details.inside summary").last.click()
     page.evaluate("window.scrollTo(0, 0)")
     shoot(page, "web-desktop")
-
-    page = browser.new_page(viewport=PHONE, color_scheme="dark")
-    page.goto(url)
-    expect(page.locator(ready)).to_have_count(1, timeout=60_000)
-    page.get_by_role("button", name="are you hungry?").click()
-    expect(page.locator(ready)).to_have_count(1, timeout=60_000)
-    page.fill("#message", "what is the internet?")
-    page.press("#message", "Enter")
-    expect(page.locator("li.guppy[data-ids]")).to_have_count(2, timeout=60_000)
-    shoot(page, "web-phone")
+    shoot(web_chat(browser, url, PHONE, "dark", "are you hungry?", "what is the internet?"), "web-phone")
 
 
 def main():

@@ -25,13 +25,11 @@ def load_app():
     return app
 
 
-@pytest.fixture(scope="module")
-def talker_dir(tmp_path_factory):
+def make_talker(path):
     """A random tiny model with a 1,024-token context: at top-k 1 it repeats one word for ~1,000 tokens (seconds),
     long enough to press Stop; at its defaults it says 12 random tokens."""
     from transformers import GenerationConfig
 
-    path = tmp_path_factory.mktemp("talker")
     torch.manual_seed(0)
     tokenizer = build_tokenizer(FISH_LINES + ["hi", "how", "are", "you", "?"], model_max_length=1024)
     model = GuppyForCausalLM(GuppyConfig.from_preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=1024))
@@ -41,12 +39,14 @@ def talker_dir(tmp_path_factory):
     )  # fmt: skip
     model.eval().save_pretrained(path)
     save_tokenizer(tokenizer, path)
-    return path
 
 
 @pytest.fixture(scope="module")
-def space_url(talker_dir, tmp_path_factory):
-    """Start `python space/app.py` on a free loopback port with the talker model; stop it afterwards."""
+def space_url(tmp_path_factory):
+    """Start `python space/app.py` on a free loopback port with the talker model; stop it afterwards.
+    (tests/test_reliability.py uses this fixture too, so it needs no other fixture of this module.)"""
+    talker_dir = tmp_path_factory.mktemp("talker")
+    make_talker(talker_dir)
     port = free_port()
     env = dict(
         os.environ, GUPPYLM_MODEL=str(talker_dir), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
@@ -169,6 +169,13 @@ def test_sixteen_parallel_clients_all_get_replies(space_url):
 # --- in Chromium, as a visitor: a phone in the dark, a desktop in the light ------------------------------------
 
 
+def visit(chromium, url, viewport, scheme):
+    """(WatchedPage, its page) with the Space open."""
+    watched = WatchedPage(chromium, viewport, scheme)
+    watched.page.goto(url)
+    return watched, watched.page
+
+
 def set_slider(page, label, value):
     field = page.get_by_label(f"number input for {label}")
     field.fill(str(value))
@@ -180,9 +187,7 @@ def set_slider(page, label, value):
 def test_a_phone_in_the_dark_can_chat_stop_retry_clear_and_look_inside(space_url, chromium):
     from playwright.sync_api import expect
 
-    watched = WatchedPage(chromium, PHONE, "dark")
-    page = watched.page
-    page.goto(space_url)
+    watched, page = visit(chromium, space_url, PHONE, "dark")
     chip = page.get_by_role("button", name=DEMO["examples"][0])
     expect(chip).to_be_in_viewport(timeout=30_000)  # the first example is on screen without scrolling
     assert page.evaluate("matchMedia('(prefers-color-scheme: dark)').matches")
@@ -253,9 +258,7 @@ def test_a_phone_in_the_dark_can_chat_stop_retry_clear_and_look_inside(space_url
 def test_a_desktop_in_the_light_reads_what_guppy_is_and_sees_a_cut_message(space_url, chromium):
     from playwright.sync_api import expect
 
-    watched = WatchedPage(chromium, DESKTOP, "light")
-    page = watched.page
-    page.goto(space_url)
+    watched, page = visit(chromium, space_url, DESKTOP, "light")
     expect(page.get_by_text("What is Guppy?")).to_be_visible(timeout=30_000)
     expect(page.get_by_text(DEMO["single_turn"]).first).to_be_visible()
     expect(page.get_by_role("button", name=DEMO["examples"][0])).to_be_in_viewport()
