@@ -191,7 +191,7 @@ def steps_html(explanation):
             f'<td><span class="bar" style="--p:{step.model_probability:.3f}"></span>{percent(step.model_probability)}</td>'
             f'<td><span class="bar" style="--p:{step.probability:.3f}"></span>{percent(step.probability)}</td></tr>'
         )
-    head = "<tr><th>#</th><th>wrote (and what else was likely)</th><th>Guppy's guess</th><th>after settings</th></tr>"
+    head = "<tr><th>#</th><th>wrote</th><th>Guppy's guess</th><th>after settings</th></tr>"
     return f'<div class="scroll"><table class="steps"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
