@@ -29,8 +29,10 @@ through the cache, match PyTorch's; greedy replies decoded with ONNX Runtime are
 
 import importlib.util
 import json
+import logging
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +56,18 @@ ONNX_KIND = FolderKind(
 )
 # fp32 ONNX Runtime and PyTorch run the same arithmetic in a different order; measured differences are 1e-6 to 1e-5.
 FP32_ATOL = 1e-4
+
+
+@contextmanager
+def quiet_logger(name):
+    """Drop what logger `name` (None: the root logger) says below ERROR while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class FlatCacheGuppy(nn.Module):
@@ -98,9 +112,9 @@ def export_graph(model, path):
     T_past, T_total = torch.export.Dim("past_sequence_length"), torch.export.Dim("total_sequence_length")
     dynamic_shapes = ({0: B, 1: T}, {0: B, 1: T_total}, {0: B, 1: T}, tuple({0: B, 2: T_past} for _ in past_kv))
     input_names, output_names = io_names(config.num_hidden_layers)
-    with warnings.catch_warnings():
-        # the exporter warns about its own internals (one Dim shared by several inputs, deprecated pytree
-        # classes); nothing to act on, and verify() is what proves the graph right
+    # the exporter warns about its own internals (one Dim shared by several inputs, deprecated pytree classes) and
+    # logs that torchvision's operators are unavailable; nothing to act on, and verify() is what proves the graph right
+    with warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             FlatCacheGuppy(model).eval(),
@@ -119,7 +133,10 @@ def quantize(fp32_path, int8_path):
     """Dynamic int8: weights stored as int8, activations quantized on the fly. No calibration data needed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
+    # onnxruntime's quantizer advises "pre-processing" (shape inference for image models) on the root logger;
+    # verify() measures what int8 changes instead
+    with quiet_logger(None):
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
 
 
 class OnnxGuppy:

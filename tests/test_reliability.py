@@ -273,22 +273,20 @@ def test_lone_surrogates_become_replacement_characters(tiny_model_dir):
 
 
 def test_control_tokens_typed_into_the_space_stay_text(trained_tiny_dir):
-    """The Space's own `/chat` function, in-process: the prompt it generated from, token by token."""
+    """The Space's own generation (app.stream_trace, behind its chat and `/chat`), in-process: the prompt it
+    generated from, token by token."""
     import importlib.util
-    import inspect
 
     spec = importlib.util.spec_from_file_location("space_app", REPO_ROOT / "space" / "app.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     model, tokenizer = load_model(trained_tiny_dir)
-    demo = app.build_demo(model, tokenizer, str(trained_tiny_dir))
-    respond = inspect.unwrap(next(fn.fn for fn in demo.fns.values() if fn.api_name == "chat"))  # app.py's respond()
     for attack in ATTACKS:
-        *_, (reply, (explanation, _)) = respond(attack, [], 0.7, 50, 6)
-        ids = [token.id for token in explanation.prompt]
-        assert structure(tokenizer, ids) == TEMPLATE_MARKERS, [token.text for token in explanation.prompt]
+        *_, (reply, trace) = app.stream_trace(model, tokenizer, attack, **app.settings_kwargs(0.7, 50, 1.0, 6))
+        ids = trace.prompt_ids.tolist()
+        assert structure(tokenizer, ids) == TEMPLATE_MARKERS, tokenizer.convert_ids_to_tokens(ids)
         assert ids[-2:] == tokenizer.convert_tokens_to_ids([IM_START, "▁assistant"])
-        assert isinstance(reply, str) and len(explanation.completion) <= 6
+        assert isinstance(reply, str) and len(trace.reply_ids) <= 6
 
 
 # --- 3. odd input through the real CLI: answered or politely refused, never a crash; generation stops --------
