@@ -176,10 +176,22 @@ def visit(chromium, url, viewport, scheme):
     return watched, watched.page
 
 
-def set_slider(page, label, value):
-    field = page.get_by_label(f"number input for {label}")
-    field.fill(str(value))
-    field.press("Enter")
+def set_slider(page, label, value, tries=3):
+    """Type `value` into a slider's number box until the slider itself shows it. Right after "Advanced" opens,
+    Gradio can still be mounting the sliders, and a value typed then is lost (seen once in CI: the reply kept the
+    default length), so the typing is repeated, and a value that never takes fails here, by name."""
+    from playwright.sync_api import Error, expect
+
+    field, bar = page.get_by_label(f"number input for {label}"), page.get_by_label(f"range slider for {label}")
+    for attempt in range(tries):
+        field.fill(str(value))
+        field.press("Enter")
+        try:
+            expect(bar).to_have_value(str(value), timeout=5_000)
+            return
+        except (AssertionError, Error):
+            if attempt == tries - 1:
+                raise
 
 
 @pytest.mark.browser
