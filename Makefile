@@ -42,5 +42,14 @@ compat: setup
 compat-lowest: setup
 	$(BIN)/python tests/compat/lowest.py
 
+# the measurements behind BENCHMARKS.md (~40 min on 2 idle cores; see bench/README.md); QUICK=--quick proves the
+# scripts work in about a minute and writes nothing to bench/results/
+bench: train
+	$(BIN)/python bench/train_throughput.py $(QUICK)
+	$(BIN)/python bench/time_to_quality.py $(QUICK)
+	$(BIN)/python bench/inference.py --model $(MODEL) $(QUICK)
+	$(BIN)/python bench/scaling.py $(QUICK)
+	$(BIN)/python bench/space_sessions.py --model $(MODEL) $(QUICK)
+
 clean:
 	rm -rf runs artifacts .pytest_cache
