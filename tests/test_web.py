@@ -37,7 +37,9 @@ TRICKY_TEXTS = [
 def served(tmp_path_factory):
     """`guppylm serve-web` for a parrot model on a free loopback port: (page URL, model folder, bundle folder, stdout)."""
     model_dir, bundle = tmp_path_factory.mktemp("parrot"), tmp_path_factory.mktemp("bundle") / "export"
-    make_parrot_model(model_dir)
+    model, _ = make_parrot_model(model_dir)
+    model.generation_config.no_repeat_ngram_size = 3  # as guppylm train writes it: the page must honour it too
+    model.generation_config.save_pretrained(model_dir)
     port = free_port()
     log = tmp_path_factory.mktemp("serve-web") / "serve-web.log"
     command = guppylm_command("serve-web", "--model", model_dir, "--output-dir", bundle, "--port", port)
@@ -253,7 +255,13 @@ def test_the_page_replies_exactly_like_python(served, chromium):
         decoded = page.evaluate("(ids) => guppy.decode(ids)", prompt_ids)
         assert decoded == tokenizer.decode(prompt_ids, skip_special_tokens=True)
 
-    # greedy replies from the fp32 graph: token for token what model.generate gives
+    # greedy replies from the fp32 graph: token for token what model.generate gives, repeated 3-grams banned
+    # (without the ban, the long message's reply would repeat a word)
+    assert model.generation_config.no_repeat_ngram_size == 3
+    banned = python_greedy(model, tokenizer, long_message, max_new_tokens)
+    model.generation_config.no_repeat_ngram_size = None
+    assert python_greedy(model, tokenizer, long_message, max_new_tokens) != banned
+    model.generation_config.no_repeat_ngram_size = 3
     page.get_by_role("button", name=DEMO["buttons"]["settings"]).click()
     page.select_option("#variant", export.FP32_FILE)
     expect(ready).to_have_count(1, timeout=30_000)

@@ -78,6 +78,18 @@ function settled(logits, { greedy, temperature, topK, topP }) {
   return out;
 }
 
+/** The tokens that would repeat an n-gram of `sequence` (prompt and reply so far): transformers'
+ * no_repeat_ngram_size, which generation_config.json may set. */
+function repeating(sequence, n) {
+  if (!n || sequence.length + 1 < n) return [];
+  const last = sequence.slice(sequence.length - n + 1).join();
+  const banned = [];
+  for (let i = 0; i + n <= sequence.length; i++) {
+    if (sequence.slice(i, i + n - 1).join() === last) banned.push(sequence[i + n - 1]);
+  }
+  return banned;
+}
+
 function draw(probabilities) {
   let r = Math.random();
   for (let i = 0; i < probabilities.length; i++) if (probabilities[i] > 0 && (r -= probabilities[i]) <= 0) return i;
@@ -175,15 +187,19 @@ export class Guppy {
    * model's most likely tokens as [id, probability after the settings, model's own]. `signal` stops it. */
   async *generate(prompt, settings, signal) {
     let [ids, past] = [prompt.ids, this.emptyCache()];
+    const sequence = [...prompt.ids];
     for (let n = 0; n < prompt.maxNewTokens && !signal?.aborted; n++) {
       const [logits, present] = await this.step(ids, past);
       const own = softmax(logits);
       const likeliest = top(own, TOP_CANDIDATES);
-      const drawnFrom = settled(logits, settings);
-      const id = settings.greedy ? likeliest[0] : draw(drawnFrom);
+      const allowed = Float32Array.from(logits);
+      for (const banned of repeating(sequence, this.generation.no_repeat_ngram_size)) allowed[banned] = -Infinity;
+      const drawnFrom = settled(allowed, settings);
+      const id = settings.greedy ? top(drawnFrom, 1)[0] : draw(drawnFrom);
       const candidates = likeliest.map((i) => [i, drawnFrom[i], own[i]]);
       yield { id, probability: drawnFrom[id], modelProbability: own[id], candidates };
       if (this.eos.has(id)) return;
+      sequence.push(id);
       [ids, past] = [[id], present];
     }
   }
