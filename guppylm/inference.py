@@ -40,8 +40,7 @@ def load_model(name_or_path=None, device="cpu"):
         with hub_errors(name_or_path):  # a repo id: "not found on <endpoint>", "not in the cache", ...
             files = model_files(name_or_path)
             config = checked_config(files, GuppyConfig)
-            # trust_remote_code=False: an auto_map in tokenizer_config.json would otherwise ask "run the custom code? [y/N]" on stdin
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+            tokenizer = loaded_tokenizer(name_or_path)
             check_tokenizer_and_template(tokenizer, config, files)
             model, info = AutoModelForCausalLM.from_pretrained(
                 name_or_path, config=config, use_safetensors=True, trust_remote_code=False,
@@ -93,6 +92,18 @@ def checked_config(files, config_class):
         return config_class.from_dict(raw)
     except ValueError as error:  # GuppyConfig's own checks: heads must divide the hidden size
         raise ValueError(f"config.json: {error}") from None
+
+
+def loaded_tokenizer(name_or_path):
+    """AutoTokenizer on a folder whose tokenizer.json has passed guppylm.validate: a failure here is about
+    tokenizer_config.json (or the chat template file)."""
+    try:
+        # trust_remote_code=False: an auto_map in tokenizer_config.json would otherwise ask "run the custom code? [y/N]" on stdin
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except HubError:
+        raise
+    except Exception as error:
+        raise ValueError(f"tokenizer_config.json: {str(error).strip() or type(error).__name__}") from None
 
 
 def check_tokenizer_and_template(tokenizer, config, files):

@@ -131,8 +131,7 @@ def check_config(config, model_type):
     for field in ("dtype", "torch_dtype"):
         if config.get(field) is not None and config[field] not in DTYPES:
             raise ValueError(f"config.json: {field} must be one of {', '.join(DTYPES)}, not {config[field]!r}")
-    if "num_labels" in config:
-        number("config.json: num_labels", config["num_labels"], 1, MAX_LABELS, whole=True, strict=True)
+    _check_transformers_fields(config)
     if not isinstance(config.get("persona", ""), str):
         raise ValueError(f"config.json: persona must be a pack name, not {config['persona']!r}")
     count = parameter_count(config)
@@ -141,6 +140,27 @@ def check_config(config, model_type):
             f"config.json: its sizes describe {count:,} parameters ({count * 4 / 1e9:,.1f} GB in float32); "
             f"guppylm loads at most {MAX_PARAMETERS:,}"
         )
+
+
+ATTENTION = ("eager", "sdpa")  # what modeling_guppylm implements
+
+
+def _check_transformers_fields(config):
+    """Fields PretrainedConfig and from_pretrained read whatever the model: wrong types there fail deep inside them."""
+    if not isinstance(config.get("auto_map", {}), dict) or not all(isinstance(v, (str, list)) for v in config.get("auto_map", {}).values()):
+        raise ValueError(f"config.json: auto_map must map Auto classes to module.Class names, not {config['auto_map']!r}")
+    for field in ("id2label", "label2id"):
+        if field in config and (not isinstance(config[field], dict) or len(config[field]) > MAX_LABELS):
+            raise ValueError(f"config.json: {field} must be a mapping of at most {MAX_LABELS:,} labels")
+    if "num_labels" in config:
+        number("config.json: num_labels", config["num_labels"], 1, MAX_LABELS, whole=True, strict=True)
+    for field in ("attn_implementation", "_attn_implementation"):
+        if config.get(field) is not None and config[field] not in ATTENTION:
+            raise ValueError(f"config.json: {field} must be one of {', '.join(ATTENTION)}, not {config[field]!r}")
+    if config.get("quantization_config") is not None:
+        raise ValueError("config.json: quantization_config: guppylm loads plain float weights, not quantized ones")
+    if config.get("is_encoder_decoder", False) is not False:
+        raise ValueError(f"config.json: is_encoder_decoder must be false (a Guppy is decoder-only), not {config['is_encoder_decoder']!r}")
 
 
 def parameter_count(config):
@@ -229,6 +249,12 @@ def check_tokenizer_files(tokenizer_json, tokenizer_config, vocab_size):
     bad = _ids_past(ids, vocab_size)
     if bad:
         raise ValueError(f"tokenizer.json: {bad[0]} is {bad[1]!r}, not a token id below config.json's vocab_size {vocab_size}")
+    from tokenizers import Tokenizer
+
+    try:  # the library's own reading of the file, which builds nothing big once the checks above have passed
+        Tokenizer.from_str(json.dumps(tokenizer_json))
+    except Exception as error:  # "data did not match any variant of untagged enum ..."
+        raise ValueError(f"tokenizer.json: {str(error).strip() or type(error).__name__}") from None
     decoder = tokenizer_config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise ValueError("tokenizer_config.json: added_tokens_decoder must map token ids to tokens")
@@ -257,21 +283,32 @@ def check_tokenizer(tokenizer, config):
 
 # --- generation_config.json ---------------------------------------------------------------------------------------
 
-# settings transformers' generate() reads from the file that multiply the work: (low, high)
-SEARCH_WIDTHS = {"num_beams": (1, 16), "num_return_sequences": (1, 16), "num_beam_groups": (1, 16)}
+# The settings guppylm's generation reads from generation_config.json (train writes them). generate() reads dozens
+# more, each with its own rules (repetition_penalty must be a float: 3 fails at the first reply), so any other is
+# refused: one line now instead of a crash later.
+GENERATION_COUNTS = {"max_length": (1, 1_000_000), "num_beams": (1, 1), "num_return_sequences": (1, 1)}  # one reply, streamed
+GENERATION_FLAGS = ("do_sample", "use_cache", "_from_model_config")
+GENERATION_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")  # eos_token_id may be a list
 
 
 def check_generation_config(generation_config, vocab_size):
-    """Raise a ValueError naming the field unless generation_config.json's settings are ones guppylm can use."""
-    for name, (low, high) in {**LIMITS, **SEARCH_WIDTHS}.items():
-        if generation_config.get(name) is not None:
-            number(f"generation_config.json: {name}", generation_config[name], low, high, whole=isinstance(low, int), strict=True)
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
-        value = generation_config.get(name)
-        values = value if isinstance(value, list) else [value]
-        bad = _ids_past([(name, i) for i in values if i is not None], vocab_size)
-        if bad:
-            raise ValueError(f"generation_config.json: {name} is {value!r}, not a token id below config.json's vocab_size {vocab_size}")
+    """Raise a ValueError naming the field unless generation_config.json holds only settings guppylm uses, each valid."""
+    known = (*LIMITS, *GENERATION_COUNTS, *GENERATION_FLAGS, *GENERATION_IDS, "transformers_version")
+    for name, value in generation_config.items():
+        field = f"generation_config.json: {name}"
+        if name not in known:
+            raise ValueError(f"{field} is not a setting guppylm uses (it reads {', '.join(known[:-1])})")
+        if value is None or name == "transformers_version":
+            continue  # None: unset, transformers' default
+        if name in GENERATION_FLAGS and not isinstance(value, bool):
+            raise ValueError(f"{field} must be true or false, not {value!r}")
+        if name in LIMITS or name in GENERATION_COUNTS:
+            low, high = LIMITS.get(name) or GENERATION_COUNTS[name]
+            number(field, value, low, high, whole=isinstance(low, int), strict=True)
+        if name in GENERATION_IDS:
+            ids = value if name == "eos_token_id" and isinstance(value, list) and value else [value]
+            if _ids_past([(name, i) for i in ids], vocab_size):
+                raise ValueError(f"{field} is {value!r}, not a token id below config.json's vocab_size {vocab_size}")
 
 
 # --- the chat template ------------------------------------------------------------------------------------------

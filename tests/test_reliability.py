@@ -235,7 +235,7 @@ DAMAGES = {
     "template-without-escaping": (_template(CHAT_TEMPLATE.replace(" | replace('<', '< ')", "")), r"chat_template.jinja: the chat template renders .* not in guppylm's chat format"),
     "corrupt-generation-config": (lambda f, m: (f / "generation_config.json").write_text("{"), r"generation_config.json: not valid JSON"),
     "generation-eos-past-vocab": (_edit_json("generation_config.json", eos_token_id=[3, 10**6]), r"generation_config.json: eos_token_id is \[3, 1000000\], not a token id below"),
-    "100000-beams": (_edit_json("generation_config.json", num_beams=100_000), r"generation_config.json: num_beams must be a whole number between 1 and 16"),
+    "100000-beams": (_edit_json("generation_config.json", num_beams=100_000), r"generation_config.json: num_beams must be a whole number between 1 and 1, not 100000"),
 }  # fmt: skip
 
 
