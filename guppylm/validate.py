@@ -315,14 +315,14 @@ def check_generation_config(generation_config, vocab_size):
 # A chat template is a program from the folder. transformers runs it in Jinja's sandbox, which stops escapes but
 # not work: nested `range(100000)` loops, `'a' * 3000000000` or `|center(3000000000)` hang or fill memory. So a
 # template is accepted only if it is built from parts whose cost is linear in the conversation (one loop over the
-# messages, conditions, a few string filters with short constant arguments), and only if it renders probe
-# conversations exactly as guppylm's own chat format does.
+# messages, conditions, values set from the messages, a few string filters with short constant arguments), and
+# only if it renders probe conversations exactly as guppylm's own chat format does.
 
-MAX_TEMPLATE = 8_192  # characters; guppylm's template has about 200
+MAX_TEMPLATE = 8_192  # characters; guppylm's template has about 350
 TEMPLATE_NODES = {
     "Template", "Output", "TemplateData", "Const", "Name", "Getattr", "Getitem", "Slice", "Compare", "Operand",
     "And", "Or", "Not", "Test", "If", "CondExpr", "For", "Filter", "Concat", "Add", "Call", "Break", "Continue",
-    "Tuple", "List",
+    "Tuple", "List", "Assign",
 }  # fmt: skip
 TEMPLATE_FILTERS = {"trim", "replace", "lower", "upper", "capitalize", "length", "string", "tojson", "first", "last", "e", "escape"}
 MAX_FILTER_DEPTH = 3  # filters applied to filters: each may at most double the text (replace: see below)
@@ -349,9 +349,22 @@ def check_chat_template(template, where):
     except RecursionError:
         raise ValueError(f"{where}: the chat template is nested too deeply") from None
 
+    try:
+        _check_template_tree(tree, where)
+    except RecursionError:
+        raise ValueError(f"{where}: the chat template is nested too deeply") from None
+
+
+def _check_template_tree(tree, where):
+    """Walk the parsed template: only TEMPLATE_NODES; one loop, over the messages; calls of raise_exception() only;
+    filters from TEMPLATE_FILTERS, at most MAX_FILTER_DEPTH deep; `{% set name = ... %}` from the conversation only
+    (a value built from another set value could double at each step)."""
+    from jinja2 import nodes
+
+    assigned = {node.target.name for node in tree.find_all(nodes.Assign) if isinstance(node.target, nodes.Name)}
+
     def visit(node, in_loop=False, filters=0):
-        kind = type(node).__name__
-        if kind not in TEMPLATE_NODES:
+        if type(node).__name__ not in TEMPLATE_NODES:
             raise ValueError(f"{where}: the chat template uses {_jinja_name(node)}, which guppylm does not accept in a chat template")
         if isinstance(node, nodes.For):
             if in_loop or node.recursive:
@@ -359,6 +372,11 @@ def check_chat_template(template, where):
             if not _is_messages(node.iter):
                 raise ValueError(f"{where}: the chat template loops over something other than the messages")
             in_loop = True
+        if isinstance(node, nodes.Assign):
+            if not isinstance(node.target, nodes.Name):
+                raise ValueError(f"{where}: the chat template's {{% set %}} assigns to something other than a name")
+            if any(name.name in assigned for name in node.node.find_all(nodes.Name)):
+                raise ValueError(f"{where}: the chat template sets '{node.target.name}' from another {{% set %}} value")
         if isinstance(node, nodes.Call) and not (isinstance(node.node, nodes.Name) and node.node.name == "raise_exception"):
             raise ValueError(f"{where}: the chat template calls a function; only raise_exception() is accepted")
         if isinstance(node, nodes.Filter):
@@ -369,10 +387,7 @@ def check_chat_template(template, where):
         for child in node.iter_child_nodes():
             visit(child, in_loop, filters)
 
-    try:
-        visit(tree)
-    except RecursionError:
-        raise ValueError(f"{where}: the chat template is nested too deeply") from None
+    visit(tree)
 
 
 def _is_messages(node):
@@ -402,7 +417,7 @@ def _check_filter(node, where):
 def _jinja_name(node):
     from jinja2 import nodes
 
-    names = {nodes.Assign: "{% set %}", nodes.AssignBlock: "{% set %}", nodes.Macro: "{% macro %}", nodes.Mul: "'*'",
+    names = {nodes.AssignBlock: "{% set %}...{% endset %}", nodes.Macro: "{% macro %}", nodes.Mul: "'*'",
              nodes.Pow: "'**'", nodes.Mod: "'%'", nodes.CallBlock: "{% call %}", nodes.FilterBlock: "{% filter %}"}  # fmt: skip
     return names.get(type(node), f"'{type(node).__name__}'")
 

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_model
+from guppylm.tokenizer import CHAT_TEMPLATE
 from limits import bounded
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked children tokenize; tokenizers warns if the parent used threads
@@ -197,7 +198,8 @@ GOOD = [
 PIECES = GOOD + [
     "{% for i in range(100000) %}", "{% for m in messages %}", "{% endfor %}", "{{ 'a' * 3000000000 }}",
     "{{ 9 ** 9 ** 9 }}", "{{ '%0999999999d' % 1 }}", "{{ 'a' | center(3000000000) }}", "{{ 'x' | indent(10**9) }}",
-    "{% set ns = namespace(x='a') %}", "{% set x = 'aa' ~ 'bb' %}", "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
+    "{% set ns = namespace(x='a') %}", "{% set x = 'aa' ~ 'bb' %}", "{% set c = message['content'] %}", "{% set c = c ~ c %}",
+    "{{ c }}", "{% set content = message['content'] | replace('<', '< ') %}", "{{ content }}", "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
     "{{ lipsum(100000) }}", "{{ range(10**9) | list }}", "{{ messages | tojson(indent=1000000) }}",
     "{{ message.content | replace('', 'xxxxxxxxxxxxxxxx') }}", "{{ raise_exception('no') }}", "{% for x in messages recursive %}",
     "{{ cycler(1, 2).next() }}", "{{ ''.__class__.__mro__ }}", "{{ message['content'] | trim | lower | upper | e }}",
@@ -222,16 +224,18 @@ def render_checked(folder, template):
 
 
 WITH_GENERATION_TAGS = GOOD[:2] + ["{% generation %}", GOOD[2], "{% endgeneration %}"] + GOOD[3:]  # TRL's assistant-only loss
+OWN = [CHAT_TEMPLATE]  # guppylm's, as train saves it
 
 
 @settings(FUZZ, max_examples=80)
 @given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=7))
-@example(pieces=GOOD).via("guppylm's own template")
+@example(pieces=OWN).via("guppylm's own template")
+@example(pieces=GOOD).via("the same format, written another way")
 @example(pieces=WITH_GENERATION_TAGS).via("with TRL's generation tags")
 def test_chat_template_mutations(base_model, pieces):
     template = "".join(pieces)
     outcome = bounded(render_checked, base_model, template, seconds=30)
-    if pieces in (GOOD, WITH_GENERATION_TAGS):
+    if pieces in (OWN, GOOD, WITH_GENERATION_TAGS):
         assert outcome.get("ok", 0) > 10_000_000, outcome  # accepted, and a 10 MB conversation rendered within the limits
     elif "ok" not in outcome:
         assert outcome["error"] == "ValueError", (template, outcome)
