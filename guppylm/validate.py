@@ -286,7 +286,10 @@ def check_tokenizer(tokenizer, config):
 # The settings guppylm's generation reads from generation_config.json (train writes them). generate() reads dozens
 # more, each with its own rules (repetition_penalty must be a float: 3 fails at the first reply), so any other is
 # refused: one line now instead of a crash later.
-GENERATION_COUNTS = {"max_length": (1, 1_000_000), "num_beams": (1, 1), "num_return_sequences": (1, 1)}  # one reply, streamed
+GENERATION_COUNTS = {
+    "max_length": (1, 1_000_000), "num_beams": (1, 1), "num_return_sequences": (1, 1),  # one reply, streamed
+    "no_repeat_ngram_size": (0, 1024),  # train sets 3; the browser page honours it too
+}  # fmt: skip
 GENERATION_FLAGS = ("do_sample", "use_cache", "_from_model_config")
 GENERATION_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")  # eos_token_id may be a list
 
