@@ -12,7 +12,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Li
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from .persona import PersonaError, load_persona
+from .persona import MAX_SAMPLES, PersonaError, load_persona
 
 TEMPLATES = files("dataset_builder") / "templates"  # package data: a wheel install has it too
 # Words (apostrophes kept inside) and single punctuation marks: a stand-in for the word-level tokenizer built later.
@@ -40,8 +40,8 @@ def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
     persona = load_persona(persona)
     num_samples = persona.num_samples if num_samples is None else num_samples
     test_size = persona.test_size if test_size is None else test_size
-    if not 0 <= test_size < num_samples:
-        raise ValueError(f"need 0 <= test_size < num_samples, got test_size={test_size}, num_samples={num_samples}")
+    if not 0 <= test_size < num_samples <= MAX_SAMPLES:
+        raise ValueError(f"need 0 <= test_size < num_samples <= {MAX_SAMPLES:,}, got test_size={test_size}, num_samples={num_samples}")
     rng = random.Random(seed)
     seen, splits = set(), {"train": [], "test": []}
     n_topics = len(persona.topics)
@@ -205,5 +205,4 @@ def build_and_save(output_dir, persona="guppy", num_samples=None, test_size=None
     dataset_dict = build_dataset(persona, num_samples, test_size, seed)
     save_dataset(dataset_dict, persona, output_dir)
     print(format_statistics(statistics(dataset_dict)))
-    print(f"saved to {output_dir}")
     return dataset_dict

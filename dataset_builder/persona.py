@@ -49,6 +49,8 @@ def parse_template(text):
     for token in re.split(r"([{}|])", text):
         if token == "{":
             stack.append([[]])
+            if len(stack) > MAX_DEPTH:
+                raise ValueError(f"braces nest more than {MAX_DEPTH} deep")
         elif token == "}":
             if len(stack) == 1:
                 raise ValueError("'}' without '{'")
@@ -81,32 +83,82 @@ def tidy(text):
 
 
 def expand(parts, rng, pools):
-    """One random text from a parsed template (untidied)."""
+    """One random text from a parsed template (untidied). Bounded: a pack's templates pass `expansion_size`."""
     return "".join(p if isinstance(p, str) else expand(rng.choice(_options(p, pools)), rng, pools) for p in parts)
 
 
-def count(parts, pools, depth=0):
-    """How many texts a template can expand to (an upper bound: different choices may give the same text)."""
-    if depth > 20:
-        raise ValueError("pools nest more than 20 deep; does a pool refer to itself?")
-    total = 1
+# Templates nest, and pools refer to pools: a pack of 20 pools, each three references to the next, has 3**20
+# expansions of a single text. So the walks below evaluate each pool once (a fan-out pack costs its size, not
+# its expansions), counts stop growing at MAX_COUNT, and a pack is refused whose texts or pattern outgrow
+# MAX_EXPANSION or MAX_PATTERN.
+MAX_SAMPLES = 10_000_000  # conversations in one dataset (guppy's: 60,000)
+MAX_DEPTH = 20  # pools and choices inside each other
+MAX_COUNT = 10**15  # counts are estimates: "more than 10**15" is as good as the exact number
+MAX_EXPANSION = 2_000  # characters and slots in one expansion: a turn that long never fits a context
+MAX_WORK = 5_000_000  # template parts the checks visit, over all topics: each topic walks the shared pools again
+MAX_PATTERN = 10_000_000  # characters of the regex `Persona.producible` compiles (guppy's: about 2 million)
+
+
+def fold(parts, pools, literal, options, sequence, memo=None, depth=0):
+    """A template evaluated bottom-up: `literal(text)` for text, `options([values])` for a slot's alternatives,
+    `sequence([values])` for parts in a row. Each pool is evaluated once (`memo`); ValueError for a slot naming an
+    unknown pool, or nesting deeper than MAX_DEPTH (a pool that refers to itself)."""
+    memo = {} if memo is None else memo
+    if depth > MAX_DEPTH:
+        raise ValueError(f"pools nest more than {MAX_DEPTH} deep; does a pool refer to itself?")
+    values = []
     for part in parts:
-        if not isinstance(part, str):
-            if isinstance(part, Ref) and part.name not in pools:
-                raise ValueError(f"unknown pool '{part.name}'")
-            total *= sum(count(option, pools, depth + 1) for option in _options(part, pools))
+        if isinstance(part, str):
+            values.append(literal(part))
+            continue
+        if isinstance(part, Ref) and part.name not in pools:
+            raise ValueError(f"unknown pool '{part.name}'")
+        if isinstance(part, Ref) and part.name in memo:
+            values.append(memo[part.name])
+            continue
+        value = options([fold(option, pools, literal, options, sequence, memo, depth + 1) for option in _options(part, pools)])
+        if isinstance(part, Ref):
+            memo[part.name] = value
+        values.append(value)
+    return sequence(values)
+
+
+def _capped_product(values):
+    total = 1
+    for value in values:
+        total = min(total * value, MAX_COUNT)
     return total
+
+
+def count(parts, pools):
+    """How many texts a template can expand to (an upper bound: different choices may give the same text), at most
+    MAX_COUNT."""
+    return fold(parts, pools, lambda text: 1, lambda values: min(sum(values), MAX_COUNT), _capped_product)
+
+
+def expansion_size(parts, pools, memo=None):
+    """The most characters plus slots one expansion of a template can take: the work `expand` may do. Templates of
+    one scope may share a `memo`."""
+    return fold(parts, pools, lambda text: len(text) + 1, lambda values: max(values) + 1, sum, memo)
+
+
+def nodes(parts):
+    """Parts of a parsed template, inside choices too but not through pool references: what a walk of it visits."""
+    return sum(1 + sum(nodes(option) for option in part) if isinstance(part, Choice) else 1 for part in parts)
+
+
+def _literal_pattern(text):
+    return re.escape("".join(text.lower().split()))
+
+
+def pattern_size(parts, pools):
+    """The length of `regex(parts, pools)`, computed without building it."""
+    return fold(parts, pools, lambda text: len(_literal_pattern(text)), lambda values: sum(values) + len(values) + 3, sum)
 
 
 def regex(parts, pools):
     """A regex source matching every expansion with whitespace removed and lowercased."""
-    out = []
-    for part in parts:
-        if isinstance(part, str):
-            out.append(re.escape("".join(part.lower().split())))
-        else:
-            out.append("(?:" + "|".join(regex(option, pools) for option in _options(part, pools)) + ")")
-    return "".join(out)
+    return fold(parts, pools, _literal_pattern, lambda values: "(?:" + "|".join(values) + ")", "".join)
 
 
 # --- the pack ------------------------------------------------------------------------------------
@@ -199,7 +251,12 @@ class Persona:
 
     @cached_property
     def _user_pattern(self):  # one regex over every phrasing of every topic; compiling it takes a second
-        return re.compile("|".join(regex(self.wrap([Choice(t.ask)]), t.pools) for t in self.specs.values()))
+        phrasings = [(self.wrap([Choice(t.ask)]), t.pools) for t in self.specs.values()]
+        size = sum(pattern_size(parts, pools) for parts, pools in phrasings)
+        if size > MAX_PATTERN:
+            raise PersonaError(f"{self.source.name}: topics: the user phrasings make a pattern of {size:,} characters to "
+                               f"check held-out prompts against; at most {MAX_PATTERN:,} (do pools repeat entries?)")
+        return re.compile("|".join(regex(parts, pools) for parts, pools in phrasings))
 
 
 def load_persona(name_or_path):
@@ -214,11 +271,38 @@ def load_persona(name_or_path):
             raise PersonaError(f"unknown persona '{name_or_path}': shipped packs are {shipped}, or give a .yaml path")
     if not path.is_file():
         raise PersonaError(f"{path}: no such file")
+    if path.stat().st_size > MAX_PACK_BYTES:
+        raise PersonaError(f"{path.name}: {path.stat().st_size:,} bytes; a pack may hold at most {MAX_PACK_BYTES:,}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PersonaError(f"{path.name}: not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+    if _size(data, MAX_PACK_NODES) > MAX_PACK_NODES:
+        raise PersonaError(f"{path.name}: holds more than {MAX_PACK_NODES:,} values (its aliases counted at each use)")
     return _validate(data, path.resolve())
+
+
+MAX_PACK_BYTES = 10 << 20  # guppy.yaml has about 0.2 MB
+
+
+MAX_PACK_NODES = 1_000_000  # strings, lists and mappings, counted each time an alias repeats them (guppy: ~25,000)
+
+
+def _size(data, limit):
+    """How many values `data` holds, a YAML alias's counted at each use, or `limit` + 1 if more: the work the checks
+    below will do. (Aliases cost nothing to load, but 1,000 pools that alias one list of 1,000 entries are a
+    million templates to check.)"""
+    stack, count = [data], 0
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            stack += value
+    return count
 
 
 def list_personas(describe=True):
@@ -288,7 +372,7 @@ def _validate(data, path):
     if not isinstance(style["lowercase"], bool):
         fail("style.lowercase", "must be true or false")
     defaults = section(data["defaults"], "defaults", ("num_samples", "test_size"))
-    num_samples = typed(defaults["num_samples"], "defaults.num_samples", int, 1)
+    num_samples = typed(defaults["num_samples"], "defaults.num_samples", int, 1, MAX_SAMPLES)
     user_keys = ("frames", "openers", "closers")
     user = section(data.get("user", {}), "user", (), (*user_keys, "opener_rate", "closer_rate", "capitalize_rate"))
     user_templates = {key: templates(user[key], f"user.{key}") if key in user else [] for key in user_keys}
@@ -296,7 +380,8 @@ def _validate(data, path):
 
     if not isinstance(data["topics"], list) or not data["topics"]:
         fail("topics", "must be a non-empty list")
-    specs = {}
+    specs, work = {}, 0
+    shared_nodes = sum(nodes(template) for entries in shared.values() for template in entries)
     for i, raw in enumerate(data["topics"]):
         field = f"topics[{i}]"
         section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools", "dev"))
@@ -308,17 +393,25 @@ def _validate(data, path):
             if not re.fullmatch(r"[a-z0-9']+", word):
                 fail(f"{field}.words", f"{word!r} is not one lowercase word")
         ask, replies = templates(raw["ask"], f"{field}.ask"), templates(raw["replies"], f"{field}.replies")
-        scope = {**shared, **pools(raw.get("pools", {}), f"{field}.pools")}
+        own = pools(raw.get("pools", {}), f"{field}.pools")
+        scope = {**shared, **own}
         # every slot must resolve to a pool in the topic's scope, the pack's shared user templates included
         places = [(f"{field}.ask[{j}]", t) for j, t in enumerate(ask)]
         places += [(f"{field}.replies[{j}]", t) for j, t in enumerate(replies)]
         for key, shared_templates in user_templates.items():
             places += [(f"user.{key}[{j}] (in topic '{topic}')", t) for j, t in enumerate(shared_templates)]
+        work += shared_nodes + sum(nodes(t) for entries in own.values() for t in entries) + sum(nodes(t) for _, t in places)
+        if work > MAX_WORK:
+            fail(field, f"the pack is too big to check: its topics come to {work:,} template parts with their pools "
+                        f"(at most {MAX_WORK:,})")
+        sizes = {}  # one walk of the topic's pools for all its places
         for place, parts in places:
             try:
-                count(parts, scope)
+                size = expansion_size(parts, scope, sizes)
             except ValueError as error:
                 fail(place, str(error))
+            if size > MAX_EXPANSION:
+                fail(place, f"can expand to {size:,} characters and slots; one turn may take at most {MAX_EXPANSION:,}")
         eval_prompts = strings(raw["eval"], f"{field}.eval")
         dev_prompts = strings(raw["dev"], f"{field}.dev") if "dev" in raw else []
         specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, dev_prompts, scope, field)
@@ -361,8 +454,8 @@ def check_persona(name_or_path, samples_per_topic=100):
     for topic in persona.specs.values():
         for _ in range(samples_per_topic):  # raises on a reply that breaks the style rules
             persona.sample(topic, rng)
-        inputs = sum(count(persona.wrap(frame), topic.pools) for frame in topic.ask)
-        replies = sum(count(reply, topic.pools) for reply in topic.replies)
+        inputs = count(persona.wrap([Choice(topic.ask)]), topic.pools)  # one walk: the sum over the phrasings
+        replies = count([Choice(topic.replies)], topic.pools)
         totals = [totals[0] + inputs, totals[1] + replies, totals[2] + inputs * replies]
         lines.append(
             f"{topic.name:20s} {len(topic.ask):9d} {inputs:15,d} "

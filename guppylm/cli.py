@@ -1,22 +1,65 @@
 """`guppylm` command line: parses arguments and calls one library function per subcommand.
 
 Each handler imports its stage lazily so `guppylm --help` stays fast.
-Errors become one line on stderr and exit code 1 (set GUPPYLM_DEBUG=1 for the traceback).
+Every failure is one line on stderr, `guppylm: error: ...`: exit code 2 for a bad argument, 1 for anything that
+goes wrong after (set GUPPYLM_DEBUG=1 for the traceback), 130 for Ctrl-C.
 """
 
 import argparse
+import json
 import os
 import re
 import sys
+
+from guppylm.folders import FolderKind, writing_folder
+from guppylm.validate import LIMITS, describe_range, number
+
+# --- numeric arguments: checked while parsing, their ranges shown in --help ------------------------------------
+
+
+class Number:
+    """An argparse type: a number of `kind` (int or float) in a range, which Parser adds to the option's help."""
+
+    def __init__(self, kind, low, high=None, low_open=False, high_open=False):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+
+    def __call__(self, text):
+        try:
+            return number("", text, self.low, self.high, self.kind is int, low_open=self.low_open, high_open=self.high_open)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    def __str__(self):
+        return describe_range(self.low, self.high, self.low_open, self.high_open)
+
+
+def setting(name):
+    """The type of a sampling setting: the range generation_kwargs() accepts (guppylm.validate.LIMITS)."""
+    low, high = LIMITS[name]
+    return Number(type(low), low, high)
+
+
+COUNT = Number(int, 1)  # steps, batch sizes, samples: at least one
+SEED = Number(int, 0, 2**32 - 1)  # what numpy's seeding (inside accelerate's set_seed) accepts
+PORT = Number(int, 1, 65_535)
 
 
 # --- dataset and persona (dataset_builder) -----------------------------------------------------
 
 
-def _dataset_build(args):
-    from dataset_builder import build_and_save
+# what `dataset build` writes; the settings file says "guppylm built this", so --overwrite may replace it
+DATASET_FOLDER = FolderKind("dataset", signature="guppylm_dataset.json", files=("README.md", "data", "guppylm_dataset.json"))
 
-    build_and_save(args.output_dir, persona=args.persona, num_samples=args.num_samples, test_size=args.test_size, seed=args.seed)
+
+def _dataset_build(args):
+    settings = dict(persona=args.persona, num_samples=args.num_samples, test_size=args.test_size, seed=args.seed)
+    # refused before any work if the folder is not ours; built aside and swapped in whole (no parquet without its card)
+    with writing_folder(args.output_dir, DATASET_FOLDER, overwrite=args.overwrite) as staging:
+        from dataset_builder import build_and_save
+
+        build_and_save(staging, **settings)
+        (staging / DATASET_FOLDER.signature).write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"saved to {args.output_dir}")
 
 
 def _dataset_push(args):
@@ -52,9 +95,10 @@ def add_dataset_commands(sub):
     build = dataset.add_parser("build", help="generate the dataset (parquet + dataset card)")
     build.add_argument("--output-dir", required=True)
     build.add_argument("--persona", default="guppy", help="a shipped pack name or a path to a pack file")
-    build.add_argument("--num-samples", type=int, default=None, help="total conversations (default: the pack's)")
-    build.add_argument("--test-size", type=int, default=None, help="held-out conversations (default: the pack's)")
-    build.add_argument("--seed", type=int, default=42)
+    build.add_argument("--num-samples", type=COUNT, default=None, help="total conversations (default: the pack's)")
+    build.add_argument("--test-size", type=Number(int, 0), default=None, help="held-out conversations (default: the pack's)")
+    build.add_argument("--seed", type=SEED, default=42)
+    build.add_argument("--overwrite", action="store_true", help="replace a dataset that `guppylm dataset build` wrote there")
     build.set_defaults(func=_dataset_build)
 
     push = dataset.add_parser("push", help="publish a built dataset to the Hub")
@@ -121,16 +165,16 @@ def add_train_command(sub):
     train.add_argument("--output-dir", default="runs/guppy")
     train.add_argument("--dataset", default=None, help="dataset folder or Hub repo id (default: build the persona's)")
     train.add_argument("--persona", default="guppy", help="persona pack for the built-in dataset and evaluation")
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None, help="per process")
-    train.add_argument("--learning-rate", type=float, default=None)
-    train.add_argument("--warmup-steps", type=int, default=None)
-    train.add_argument("--gradient-accumulation-steps", type=int, default=None)
-    train.add_argument("--unk-rate", type=float, default=None, help="fraction of user tokens hidden as <unk> (default 0.25)")
-    train.add_argument("--reply-start-weight", type=float, default=None, help="loss weight of the reply's first token, which names the topic (default 5)")
-    train.add_argument("--eval-every", type=int, default=None, help="steps between held-out losses (default 250)")
-    train.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
-    train.add_argument("--seed", type=int, default=None, help="(default 42)")
+    train.add_argument("--max-steps", type=COUNT, default=None)
+    train.add_argument("--batch-size", type=COUNT, default=None, help="per process")
+    train.add_argument("--learning-rate", type=Number(float, 0, 1, low_open=True), default=None)
+    train.add_argument("--warmup-steps", type=Number(int, 0), default=None)
+    train.add_argument("--gradient-accumulation-steps", type=COUNT, default=None)
+    train.add_argument("--unk-rate", type=Number(float, 0, 1, high_open=True), default=None, help="fraction of user tokens hidden as <unk> (default 0.25)")
+    train.add_argument("--reply-start-weight", type=Number(float, 0, 100), default=None, help="loss weight of the reply's first token, which names the topic (default 5)")
+    train.add_argument("--eval-every", type=COUNT, default=None, help="steps between held-out losses (default 250)")
+    train.add_argument("--checkpoint-every", type=COUNT, default=None, help="steps between checkpoints (default 500)")
+    train.add_argument("--seed", type=SEED, default=None, help="(default 42)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint (in OUTPUT_DIR.checkpoints)")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run's model folder or checkpoints")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
@@ -146,11 +190,11 @@ def add_model_commands(sub):
     chat.add_argument("--model", default=None, help="model folder or Hub repo id (default: $GUPPYLM_MODEL or runs/guppy)")
     chat.add_argument("--prompt", default=None, help="answer this one message and exit")
     chat.add_argument("--greedy", action="store_true", help="always pick the most likely token")
-    chat.add_argument("--temperature", type=float, default=None)
-    chat.add_argument("--top-k", type=int, default=None)
-    chat.add_argument("--top-p", type=float, default=None)
-    chat.add_argument("--max-new-tokens", type=int, default=None)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--temperature", type=setting("temperature"), default=None)
+    chat.add_argument("--top-k", type=setting("top_k"), default=None)
+    chat.add_argument("--top-p", type=setting("top_p"), default=None)
+    chat.add_argument("--max-new-tokens", type=setting("max_new_tokens"), default=None)
+    chat.add_argument("--seed", type=SEED, default=None)
     chat.add_argument("--explain", action="store_true", help="after each reply, show the top candidates per step")
     chat.set_defaults(func=_chat)
 
@@ -159,7 +203,7 @@ def add_model_commands(sub):
     evaluate.add_argument("--persona", default=None, help="pack whose prompts to use (default: the model's)")
     evaluate.add_argument("--split", choices=("eval", "dev"), default="eval",
                           help="eval: the held-out test prompts (default); dev: the prompts to tune data and recipes against")
-    evaluate.add_argument("--max-new-tokens", type=int, default=48)
+    evaluate.add_argument("--max-new-tokens", type=setting("max_new_tokens"), default=48)
     evaluate.set_defaults(func=_eval)
 
 
@@ -243,7 +287,7 @@ def add_export_commands(sub):
 
     web = sub.add_parser("serve-web", help="export a model and serve the in-browser chat page on 127.0.0.1")
     web.add_argument("--model", default=None, help="model folder (default: $GUPPYLM_MODEL or runs/guppy)")
-    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--port", type=PORT, default=8000)
     web.add_argument("--output-dir", default=None, help="where the exported model goes (default: space/web/model)")
     web.add_argument("--force", action="store_true", help="export again even if the last export is up to date")
     web.set_defaults(func=_serve_web)
@@ -252,17 +296,42 @@ def add_export_commands(sub):
 # --- entry point ----------------------------------------------------------------------------------
 
 SECRET = re.compile(r"(?<=--token[ =])\S+|\bhf_\w{20,}")  # a --token value, or anything shaped like a Hub token
+# terminal escape sequences (torch's exporter colours its messages) and other control characters but tab and newline
+CONTROL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-_])|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def mask_secrets(text):
     return SECRET.sub("***", text)
 
 
+def one_line(text):
+    """The first non-blank line of `text`, without escape sequences, control characters or secrets."""
+    lines = [line.strip() for line in CONTROL.sub("", str(text)).splitlines() if line.strip()]
+    return mask_secrets(lines[0]) if lines else ""
+
+
+def describe(error):
+    """One line for an exception: our errors' messages say it all; for anything else (a KeyError, tokenizers'
+    PanicException) the type name says what kind of failure it was."""
+    message = one_line(error)
+    if isinstance(error, (ValueError, OSError, RuntimeError)) and message:
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse echoes what it rejects ("unrecognized arguments: --token hf_..."); a token is masked first."""
+    """A bad argument is one line too (argparse prints its usage first), and a token in it is masked: argparse echoes
+    what it rejects ("unrecognized arguments: --token hf_...")."""
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if isinstance(action.type, Number):  # --help shows the range: "--top-p TOP_P  (between 0.01 and 1.0)"
+            help = action.help or ""
+            action.help = f"{help[:-1]}; {action.type})" if help.endswith(")") else f"{help} ({action.type})".strip()
+        return action
 
     def error(self, message):
-        super().error(mask_secrets(message))
+        self.exit(2, f"guppylm: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
 def build_parser():
@@ -276,23 +345,28 @@ def build_parser():
 
 
 def run(action):
-    """Call `action()`; any failure becomes one line on stderr and exit code 1 (GUPPYLM_DEBUG=1: the traceback)."""
+    """Call `action()`. Whatever it raises - tokenizers' PanicException and KeyboardInterrupt are BaseExceptions -
+    becomes one line on stderr: exit code 1, or 130 for Ctrl-C (GUPPYLM_DEBUG=1: the traceback)."""
     try:
         return action()
+    except SystemExit:  # argparse's --help and usage errors, sys.exit() in a handler
+        raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("guppylm: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:
+    except BaseException as error:
         if os.environ.get("GUPPYLM_DEBUG"):
             raise
-        lines = str(error).strip().splitlines()
-        print(f"guppylm: error: {mask_secrets(lines[0]) if lines else type(error).__name__}", file=sys.stderr)
+        print(f"guppylm: error: {describe(error)}", file=sys.stderr)
         sys.exit(1)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    run(lambda: args.func(args))
+    def parse_and_call():  # parsing too: Ctrl-C at any moment after the interpreter has started is one line
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+
+    run(parse_and_call)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from guppylm.export_gpt2 import REPORT_FILE, VERIFY_PROMPTS, check_vocabulary, gpt2_config, save_report
+from guppylm.export_gpt2 import REPORT_FILE, VERIFY_PROMPTS, gpt2_config, save_report
 from guppylm.folders import FolderKind, check_output_folder, writing_folder
 from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
 from guppylm.tokenizer import save_tokenizer
@@ -257,7 +257,6 @@ def export_onnx(model_name, output_dir, quantize_int8=False, overwrite=False, pr
         raise ImportError(f"exporting needs {', '.join(missing)}: pip install 'guppylm[export]'")
     check_output_folder(output_dir, ONNX_KIND, overwrite)  # before any loading
     model, tokenizer = load_model(str(model_name))
-    check_vocabulary(model, tokenizer)
     with writing_folder(output_dir, ONNX_KIND, overwrite) as staging:
         started = time.perf_counter()
         (staging / FP32_FILE).parent.mkdir()

@@ -107,23 +107,6 @@ def to_gpt2(model):
     return twin.eval()
 
 
-def check_vocabulary(model, tokenizer):
-    """Raise ValueError unless every id the tokenizer or the configs can produce has a row in the embedding.
-
-    A damaged tokenizer.json (one id of 10**9, say) would otherwise surface deep inside an export as an index
-    error - or first as gigabytes of memory."""
-    vocab_size = model.config.vocab_size
-    ids = {"tokenizer vocabulary": max(tokenizer.get_vocab().values(), default=0)}
-    for owner in (model.config, model.generation_config):
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(owner, key, None)
-            ids |= {f"{key} {v}": v for v in (value if isinstance(value, list) else [value]) if v is not None}
-    bad = {name: value for name, value in ids.items() if not 0 <= value < vocab_size}
-    if bad:
-        name, value = next(iter(bad.items()))
-        raise ValueError(f"the tokenizer or config uses id {value} ({name}), but the model has only {vocab_size} token embeddings")
-
-
 def compare(model, twin, tokenizer, prompts=VERIFY_PROMPTS):
     """(max |logit difference|, prompts whose greedy reply the twin repeats token for token) over `prompts`.
 
@@ -214,7 +197,6 @@ def export_gpt2(model_name, output_dir, overwrite=False, prompts=VERIFY_PROMPTS,
 
     check_output_folder(output_dir, GPT2_KIND, overwrite)  # before any loading
     model, tokenizer = load_model(model_name)
-    check_vocabulary(model, tokenizer)
     with writing_folder(output_dir, GPT2_KIND, overwrite) as staging:
         write_twin(model, tokenizer, staging, str(model_name), repo_id or str(output_dir))
         twin = AutoModelForCausalLM.from_pretrained(staging, trust_remote_code=False).eval()

@@ -5,7 +5,6 @@ message is cut, a reply is bounded and a sampling setting is checked the same wa
 `model.generate` with the KV cache. (The browser page runs the same policy in JavaScript: space/web/guppy.js.)
 """
 
-import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,8 +12,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+from guppylm import validate
 from guppylm.errors import HubError, hub_errors
-from guppylm.folders import local_model
+from guppylm.folders import MODEL_FILES, local_model
+from guppylm.tokenizer import CHAT_TEMPLATE
+from guppylm.validate import checked
 
 
 
@@ -25,7 +27,8 @@ def load_model(name_or_path=None, device="cpu"):
     """(model, tokenizer) from a local folder or a Hub repo id, in eval mode.
 
     The model is built from guppylm's own classes (registered with the Auto classes on import), so loading
-    a folder or a repo never runs Python code that came with it. Weights load from safetensors only.
+    a folder or a repo never runs Python code that came with it. Weights load from safetensors only. Every file
+    is checked before anything is built from it (guppylm.validate): a bad one is an OSError naming the file.
     """
     from transformers.utils import logging
 
@@ -35,28 +38,82 @@ def load_model(name_or_path=None, device="cpu"):
     logging.disable_progress_bar()
     try:
         with hub_errors(name_or_path):  # a repo id: "not found on <endpoint>", "not in the cache", ...
-            config_dict, _ = GuppyConfig.get_config_dict(name_or_path)  # plain JSON, no code involved
-            if config_dict.get("model_type") != GuppyConfig.model_type:
-                raise ValueError(f"its config describes a {config_dict.get('model_type')!r} model, not a {GuppyConfig.model_type!r} one")
-            config = GuppyConfig.from_dict(config_dict)
-            # trust_remote_code=False: an auto_map in tokenizer_config.json would otherwise ask "run the custom code? [y/N]" on stdin
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+            files = model_files(name_or_path)
+            config = checked_config(files, GuppyConfig)
+            tokenizer = loaded_tokenizer(name_or_path)
+            check_tokenizer_and_template(tokenizer, config, files)
             model, info = AutoModelForCausalLM.from_pretrained(
                 name_or_path, config=config, use_safetensors=True, trust_remote_code=False,
                 ignore_mismatched_sizes=True, output_loading_info=True,  # checked below: transformers would re-initialize them
             )
     except HubError:
         raise
-    except Exception as error:
+    except BaseException as error:  # tokenizers' PanicException is a BaseException
+        if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(f"cannot load the model {name_or_path!r}: {reason}") from error
     damaged = sorted({*info["missing_keys"], *info["unexpected_keys"], *(key for key, *_ in info["mismatched_keys"])})
-    if damaged:  # a damaged file, or weights from another config: never chat with randomly re-initialized layers
+    if damaged:  # same count, other names or shapes: never chat with randomly re-initialized layers
         raise OSError(
             f"cannot load the model {name_or_path!r}: its weights do not match its config.json "
             f"({len(damaged)} tensors missing, extra or misshapen, e.g. {damaged[0]})"
         )
     return model.to(device).eval(), tokenizer
+
+
+OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja")
+
+
+def model_files(name_or_path):
+    """{file name: local path, or None if the folder has no such optional file}, downloading from the Hub as
+    `from_pretrained` would (the same cache, so it finds them there afterwards)."""
+    from transformers.utils import cached_file
+
+    files = {name: cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False) for name in MODEL_FILES + OPTIONAL_FILES}
+    missing = [name for name in MODEL_FILES if files[name] is None]
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}")
+    return files
+
+
+def checked_config(files, config_class):
+    """The model's config, built only after config.json, the weights' header, the tokenizer files and
+    generation_config.json have passed guppylm.validate's checks."""
+    raw = validate.read_json(files["config.json"], "config.json")
+    validate.check_config(raw, config_class.model_type)
+    validate.check_weights(files["model.safetensors"], validate.parameter_count(raw))
+    tokenizer_json = validate.read_json(files["tokenizer.json"], "tokenizer.json")
+    tokenizer_config = validate.read_json(files["tokenizer_config.json"], "tokenizer_config.json")
+    validate.check_tokenizer_files(tokenizer_json, tokenizer_config, raw["vocab_size"])
+    if files["generation_config.json"]:  # else transformers derives one from config.json
+        validate.check_generation_config(validate.read_json(files["generation_config.json"], "generation_config.json"), raw["vocab_size"])
+    try:
+        return config_class.from_dict(raw)
+    except ValueError as error:  # GuppyConfig's own checks: heads must divide the hidden size
+        raise ValueError(f"config.json: {error}") from None
+
+
+def loaded_tokenizer(name_or_path):
+    """AutoTokenizer on a folder whose tokenizer.json has passed guppylm.validate: a failure here is about
+    tokenizer_config.json (or the chat template file)."""
+    try:
+        # trust_remote_code=False: an auto_map in tokenizer_config.json would otherwise ask "run the custom code? [y/N]" on stdin
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except HubError:
+        raise
+    except Exception as error:
+        raise ValueError(f"tokenizer_config.json: {str(error).strip() or type(error).__name__}") from None
+
+
+def check_tokenizer_and_template(tokenizer, config, files):
+    """The loaded tokenizer matches config.json, and its chat template is one guppylm accepts and renders
+    conversations in guppylm's chat format (guppylm.validate)."""
+    validate.check_tokenizer(tokenizer, config.to_dict())
+    where = "chat_template.jinja" if files["chat_template.jinja"] else "tokenizer_config.json: chat_template"
+    template = tokenizer.chat_template.get("default") if isinstance(tokenizer.chat_template, dict) else tokenizer.chat_template
+    validate.check_chat_template(template, where)
+    validate.check_chat_format(tokenizer, template, where, CHAT_TEMPLATE)
 
 
 # --- the prompt-length policy ---------------------------------------------------------------------------
@@ -99,23 +156,7 @@ def prompt_for(model, tokenizer, message, max_new_tokens=None):
     return build_prompt(tokenizer, message, context, max_new_tokens or model.generation_config.max_new_tokens or context)
 
 
-# --- sampling settings ----------------------------------------------------------------------------------
-
-# (low, high) allowed for each setting: beyond them a tiny model says nothing a person would want to read
-LIMITS = {"temperature": (0.05, 2.0), "top_k": (1, 1000), "top_p": (0.01, 1.0), "max_new_tokens": (1, 1024)}
-
-
-def checked(name, value):
-    """`value` as the number `name` takes (2 -> 2.0 for temperature; 50.0 -> 50 for top_k), or a one-line ValueError."""
-    low, high = LIMITS[name]
-    integer = isinstance(low, int)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number between {low} and {high}, not {value!r}") from None
-    if not math.isfinite(number) or not low <= number <= high or (integer and not number.is_integer()):
-        raise ValueError(f"{name} must be {'a whole number' if integer else 'a number'} between {low} and {high}, not {value!r}")
-    return int(number) if integer else number
+# --- sampling settings (their ranges: guppylm.validate.LIMITS) ----------------------------------------------
 
 
 def generation_kwargs(greedy=False, temperature=None, top_k=None, top_p=None, max_new_tokens=None):

@@ -12,7 +12,6 @@ the schedule's value at k for any number of processes.
 """
 
 import json
-import math
 import os
 import shutil
 import time
@@ -31,6 +30,7 @@ from guppylm.checkpoints import check_checkpoints, checkpoint_dir, latest_checkp
 from guppylm.data import Conversations, LengthGroupedBatches, checked_conversations, collate, load_conversations, micro_batches
 from guppylm.folders import FolderKind, check_output_folder, writing_folder
 from guppylm.tokenizer import build_tokenizer, conversation_texts, save_tokenizer
+from guppylm.validate import number
 
 # Optimization settings per size preset (the architectures are in configuration_guppylm.PRESETS).
 # "cpu" was chosen by bench/search_cpu_recipe.py: see the README for the measurements behind it.
@@ -60,17 +60,9 @@ def default_preset():
     return "9m" if torch.cuda.is_available() else "cpu"
 
 
-def checked(name, value, low, high=math.inf, integer=True, above=False):
-    """`value` if it is a number (an integer when `integer`) from `low` (exclusive when `above`) to `high`, else a
-    ValueError that names the allowed range."""
-    kind = "an integer" if integer else "a number"
-    if high == math.inf:
-        allowed = f"{kind} {'>' if above else '>='} {low}"
-    else:
-        allowed = f"{kind} > {low} and <= {high}" if above else f"{kind} from {low} to {high}"
-    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < low or (above and value == low) or value > high:
-        raise ValueError(f"{name} must be {allowed}, not {value!r}")
+def checked(name, value, low, high=None, integer=True, above=False, below=False):
+    """`value` if it is a number (an integer when `integer`) in the range, else a ValueError naming the range."""
+    number(name, value, low, high, whole=integer, strict=True, low_open=above, high_open=below)
     return value
 
 
@@ -110,7 +102,7 @@ class Recipe:
         checked("warmup_steps", self.warmup_steps, 0, self.max_steps)
         checked("learning_rate", self.learning_rate, 0, 1, integer=False, above=True)
         checked("weight_decay", self.weight_decay, 0, 1, integer=False)
-        checked("unk_rate", self.unk_rate, 0, 1, integer=False)
+        checked("unk_rate", self.unk_rate, 0, 1, integer=False, below=True)  # 1 would hide every user word
         checked("reply_start_weight", self.reply_start_weight, 0, 100, integer=False)
         checked("seed", self.seed, 0, 2**32 - 1)  # numpy's seed range, which set_seed seeds too
 

@@ -24,7 +24,8 @@ except ImportError as error:
     sys.exit(f"the Space needs gradio ({error}): pip install 'guppylm[space]'")
 from guppylm.explain import architecture, explain_trace, trace_reply
 from guppylm.folders import default_model
-from guppylm.inference import LIMITS, generation_kwargs, load_model, stream_generation
+from guppylm.inference import generation_kwargs, load_model, stream_generation
+from guppylm.validate import LIMITS
 
 DEMO = json.loads((Path(__file__).parent / "web" / "demo.json").read_text())  # shared with the browser page
 MAX_MESSAGE_CHARS = 1000  # more than any context holds; prompt_for then keeps the end that fits

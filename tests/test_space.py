@@ -12,7 +12,7 @@ import torch
 
 from conftest import ARTIFACTS, DESKTOP, FISH_LINES, PHONE, REPO_ROOT as ROOT, WatchedPage, free_port, running_server
 from guppylm import GuppyConfig, GuppyForCausalLM
-from guppylm.inference import LIMITS
+from guppylm.validate import LIMITS
 from guppylm.tokenizer import build_tokenizer, save_tokenizer
 
 DEMO = json.loads((ROOT / "space" / "web" / "demo.json").read_text())

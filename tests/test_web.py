@@ -20,7 +20,8 @@ from conftest import (
     running_server,
 )
 from guppylm import export, web
-from guppylm.inference import LIMITS, generate, generation_kwargs, load_model, prompt_for
+from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
+from guppylm.validate import LIMITS
 
 DEMO = json.loads((REPO_ROOT / "space" / "web" / "demo.json").read_text())
 # Texts whose tokenization is easy to get subtly wrong: NFKC, case, curly quotes, collapsed whitespace,
