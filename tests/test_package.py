@@ -38,7 +38,7 @@ def test_help_and_argument_errors_import_no_heavy_library(args):
     if args == ["--help"]:
         assert result.returncode == 0 and "train" in result.stdout
     else:
-        assert result.returncode == 2 and "guppylm train: error: argument --max-steps: invalid int value: 'many'" in result.stderr
+        assert result.returncode == 2 and "guppylm: error: argument --max-steps: must be a whole number 1 or more, not 'many'" in result.stderr
 
 
 def pins(path):
