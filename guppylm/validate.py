@@ -290,7 +290,11 @@ GENERATION_COUNTS = {
     "max_length": (1, 1_000_000), "num_beams": (1, 1), "num_return_sequences": (1, 1),  # one reply, streamed
     "no_repeat_ngram_size": (0, 1024),  # train sets 3; the browser page honours it too
 }  # fmt: skip
-GENERATION_FLAGS = ("do_sample", "use_cache", "_from_model_config")
+GENERATION_FLAGS = (
+    "do_sample", "use_cache", "_from_model_config",
+    # what generate() computes besides the tokens; guppylm asks for what it needs. Trainers (TRL, PEFT's merge) save them
+    "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+)  # fmt: skip
 GENERATION_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")  # eos_token_id may be a list
 
 

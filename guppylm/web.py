@@ -83,9 +83,9 @@ def is_fresh(model_dir, bundle_dir):
 
 def write_page_info(model_dir, bundle_dir):
     """page.json: the numbers guppy.js takes from Python rather than from a copy - the context, the KV cache's
-    shape, the size of the wasm runtime (for the progress bar) and the sampling limits of guppylm.inference."""
+    shape, the size of the wasm runtime (for the progress bar) and the sampling limits of guppylm.validate."""
     from guppylm import GuppyConfig
-    from guppylm.inference import LIMITS
+    from guppylm.validate import LIMITS
 
     config = GuppyConfig.from_pretrained(model_dir)
     info = {
