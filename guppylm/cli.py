@@ -9,7 +9,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 
 from guppylm.folders import FolderKind, writing_folder
 from guppylm.validate import LIMITS, describe_range, number
@@ -344,17 +346,31 @@ def build_parser():
     return parser
 
 
+_interrupts = []  # the Ctrl-Cs received while run() runs its action
+
+
+def remember_interrupt(signum, frame):
+    """SIGINT: remembered, then raised as KeyboardInterrupt as usual. A library may swallow it mid-import and fail
+    later with another error (a half-imported numpy recursing, then transformers 5.0's "Could not import module
+    'AutoModelForCausalLM'"); run() still reports the interrupt."""
+    _interrupts.append(signum)
+    signal.default_int_handler(signum, frame)
+
+
 def run(action):
     """Call `action()`. Whatever it raises - tokenizers' PanicException and KeyboardInterrupt are BaseExceptions -
     becomes one line on stderr: exit code 1, or 130 for Ctrl-C (GUPPYLM_DEBUG=1: the traceback)."""
+    _interrupts.clear()
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
+        signal.signal(signal.SIGINT, remember_interrupt)
     try:
         return action()
     except SystemExit:  # argparse's --help and usage errors, sys.exit() in a handler
         raise
-    except KeyboardInterrupt:
-        print("guppylm: interrupted", file=sys.stderr)
-        sys.exit(130)
     except BaseException as error:
+        if isinstance(error, KeyboardInterrupt) or _interrupts:
+            print("guppylm: interrupted", file=sys.stderr)
+            sys.exit(130)
         if os.environ.get("GUPPYLM_DEBUG"):
             raise
         print(f"guppylm: error: {describe(error)}", file=sys.stderr)

@@ -40,7 +40,10 @@ def load_conversations(dataset=None, persona="guppy", seed=42):
 
     name = str(dataset) if dataset is not None else str(default_dataset(persona, seed))
     with hub_errors(name, "dataset"):
-        data = load_dataset(name)
+        try:
+            data = load_dataset(name)
+        except ValueError as error:  # a damaged file; some datasets versions decode (and reject) non-UTF-8 bytes here
+            raise DataError(f"dataset {name!r} cannot be read: {str(error).strip().splitlines()[0]}") from None
     if not isinstance(data, DatasetDict) or "train" not in data:
         raise DataError(f"dataset {name!r} has no 'train' split")
     for split in data.values():

@@ -3,6 +3,7 @@ inference cuts a prompt, rows that are no conversation refused in one line, a te
 train, and a default-dataset cache that concurrent trainings build once."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,12 +96,15 @@ def test_columns_that_hold_no_conversations_are_refused(tmp_path):
         checked_conversations(Dataset.from_dict({"messages": [[{"content": "hi"}]]}), "split 'train'", context=64)
     with pytest.raises(DataError, match="^split 'train' is empty$"):
         checked_conversations(Dataset.from_dict({"messages": []}), "split 'train'", context=64)
-    (tmp_path / "latin1").mkdir()  # bytes that are not UTF-8 fail when the row is read
+    # bytes that are not UTF-8: datasets reads JSON lines row by row (then the row is named) or, in older
+    # versions, decodes the file while loading it (then the dataset is)
+    (tmp_path / "latin1").mkdir()
     good = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "blub."}]}\n'
     (tmp_path / "latin1" / "train.jsonl").write_bytes(good + good.replace(b"hi", b"caf\xe9"))
-    data = load_conversations(tmp_path / "latin1")
-    with pytest.raises(DataError, match=r"^split 'train', row 1: not UTF-8 text \(.+ at byte 3\)$"):
-        checked_conversations(data["train"], "split 'train'", context=64)
+    row_named = r"split 'train', row 1: not UTF-8 text \(.+ at byte 3\)"
+    file_named = rf"dataset '{re.escape(str(tmp_path / 'latin1'))}' cannot be read: .*UTF-8.*"
+    with pytest.raises(DataError, match=rf"^({row_named}|{file_named})$"):
+        checked_conversations(load_conversations(tmp_path / "latin1")["train"], "split 'train'", context=64)
 
 
 def test_a_bad_row_stops_train_in_one_line_before_anything_is_written(tmp_path):

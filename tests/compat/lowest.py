@@ -63,9 +63,9 @@ def unrunnable(versions):
     """Tests these versions cannot run on a machine that reaches only 127.0.0.1: test -> why (a library's limit)."""
     if Version(versions["huggingface-hub"]) < Version("2.2"):
         why = "huggingface_hub < 2.2 checks a card at huggingface.co whatever HF_ENDPOINT says, not at the tests' local Hub"
-        tests = ["test_model_push_pull_repush_and_offline", "test_dataset_push_then_load_dataset_and_train_offline",
-                 "test_space_push_configures_the_model_and_mirrors_the_folder"]
-        return {f"tests/test_hub.py::{test}": why for test in tests}
+        tests = ["test_hub.py::test_model_push_pull_repush_and_offline", "test_hub.py::test_dataset_push_then_load_dataset_and_train_offline",
+                 "test_hub.py::test_space_push_configures_the_model_and_mirrors_the_folder", "test_train.py::test_a_pack_file_travels_with_its_model"]
+        return {f"tests/{test}": why for test in tests}
     return {}
 
 
