@@ -72,7 +72,7 @@ def test_eval_prompts_are_not_dataset_inputs(columns, persona):
     normal = lambda text: " ".join(text.lower().split())
     inputs = {normal(text) for c in columns.values() for text in c["input"]}
     cases = persona.eval_cases() + persona.eval_cases("dev")
-    assert [prompt for prompt, _, _ in cases if normal(prompt) in inputs] == []
+    assert [case.prompt for case in cases if normal(case.prompt) in inputs] == []
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path):

@@ -40,8 +40,8 @@ def test_eval_cli_scores_either_split(trained_tiny_dir, tmp_path):
         result = subprocess.run(guppylm_command("eval", "--model", str(trained_tiny_dir), "--split", split, "--max-new-tokens", "6"),
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
-        assert f"persona guppy: {len(cases)} held-out {split} prompts over 60 topics" in result.stdout
-        assert all(f"{prompt!r} ->" in result.stdout for prompt, _, _ in cases[:5])
+        assert f"persona guppy: {len(cases)} held-out {split} prompts over 61 topics" in result.stdout
+        assert all(f"{prompt!r} ->" in result.stdout for prompt, *_ in cases[:5])
     topic = {"name": "food", "words": ["food"], "ask": ["hungry?"], "replies": ["food!"], "eval": ["snack time?"]}
     pack = tmp_path / "nodev.yaml"
     pack.write_text(yaml.safe_dump({"name": "nodev", "display_name": "No dev", "description": "a pack without dev prompts",
