@@ -22,6 +22,7 @@ PERSONA_DIR = Path(__file__).parent / "personas"
 SCAFFOLD = PERSONA_DIR / "_scaffold.yaml"  # `guppylm persona new` copies it; the leading _ keeps it out of the list
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")  # a lowercase word of a reply, as `words` lists them
 _POOL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 # Held-out prompt sets: "eval" is the test set, "dev" the one to tune against, "natural" a blind test set of what
 # people type first. A topic's own `eval`/`dev` prompts are of kind PARAPHRASE; split files give each prompt a kind.
@@ -84,6 +85,14 @@ def _options(part, pools):
 def tidy(text):
     """Single spaces, none before punctuation: optional parts may leave either behind."""
     return re.sub(r" ([,.!?])", r"\1", " ".join(text.split()))
+
+
+def repeats(text):
+    """Whether `text` says a sentence twice, or a 3-word phrase twice within its sentences:
+    "he is my friend. he is my friend." and "i like the snail. the snail is my friend, i like the snail." do."""
+    sentences = [s for s in (tuple(WORD.findall(part)) for part in re.split(r"[.!?]+", text.lower())) if s]
+    trigrams = [s[i : i + 3] for s in sentences for i in range(len(s) - 2)]
+    return len(set(sentences)) < len(sentences) or len(set(trigrams)) < len(trigrams)
 
 
 def expand(parts, rng, pools):
@@ -183,11 +192,9 @@ class Persona:
         user = tidy(user)
         if rng.random() < self.capitalize_rate:
             user = user[:1].upper() + user[1:]
-        for _ in range(10):  # a draw may run long or repeat a sentence ("i hide. i hide."): draw again
+        for _ in range(10):  # a draw may run long or repeat itself ("i hide. i hide."): draw again
             reply = tidy(pick(topic.replies))
-            sentences = re.findall(r"[^.!?]+[.!?]", reply)
-            repeats = len(set(sentences)) < len(sentences)
-            problem = self.style_problem(reply) or ("repeats a sentence" if repeats else None)
+            problem = self.style_problem(reply) or ("repeats a sentence or a 3-word phrase" if repeats(reply) else None)
             if problem is None:
                 return user, reply
         raise PersonaError(f"{self.source.name}: {topic.field}.replies: a reply {problem}: {reply!r}")

@@ -7,21 +7,12 @@ and per kind of prompt ("paraphrase", "opener", "long", ...), with two failure r
 themselves, and replies of a word or two to a long message.
 """
 
-import re
-
 import torch
 
-WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+from dataset_builder.persona import WORD, repeats
+
 MAX_WORDS = 40  # the bar's ceiling; a pack may ask for fewer
 LONG_MESSAGE, SHORT_REPLY = 20, 3  # a reply under 3 words to a message over 20 words did not answer it
-
-
-def repeats(text):
-    """Whether `text` says a sentence twice, or a 3-word phrase twice within its sentences:
-    "he is my friend. he is my friend." and "i like the snail. the snail is my friend, i like the snail." do."""
-    sentences = [s for s in (tuple(WORD.findall(part)) for part in re.split(r"[.!?]+", text.lower())) if s]
-    trigrams = [s[i : i + 3] for s in sentences for i in range(len(s) - 2)]
-    return len(set(sentences)) < len(sentences) or len(set(trigrams)) < len(trigrams)
 
 
 @torch.no_grad()
