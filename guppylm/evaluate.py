@@ -16,11 +16,12 @@ LONG_MESSAGE, SHORT_REPLY = 20, 3  # a reply under 3 words to a message over 20 
 
 
 @torch.no_grad()
-def greedy_replies(model, tokenizer, prompts, max_new_tokens=48, batch_size=32):
+def greedy_replies(model, tokenizer, prompts, max_new_tokens=48, batch_size=32, sample=False):
     """(reply text, stopped at <|im_end|>) per prompt, batched with left padding.
 
     Each prompt is cut as chat cuts it (`prompt_for`: from the left, keeping the generation prompt); a batch
-    generates as far as its tightest row has room, which is at least `max_new_tokens` up to half the context."""
+    generates as far as its tightest row has room, which is at least `max_new_tokens` up to half the context.
+    `sample=True` draws the replies with the model's generation_config (as chat does; seed torch first)."""
     from guppylm.inference import prompt_for
 
     results = []
@@ -34,7 +35,8 @@ def greedy_replies(model, tokenizer, prompts, max_new_tokens=48, batch_size=32):
             attention_mask[row, width - p.input_ids.shape[1] :] = 1
         output = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-            max_new_tokens=min(p.max_new_tokens for p in encoded), do_sample=False, temperature=None, top_k=None, top_p=None,
+            max_new_tokens=min(p.max_new_tokens for p in encoded),
+            **({} if sample else dict(do_sample=False, temperature=None, top_k=None, top_p=None)),
         )
         for row in output[:, width:].tolist():
             stopped = tokenizer.eos_token_id in row
