@@ -206,6 +206,17 @@ def test_replies_breaking_the_style_stop_the_build(tmp_path):
         build_dataset(write(tmp_path, pack))
 
 
+def test_replies_that_repeat_themselves_are_redrawn(tmp_path):
+    """The data never teaches a reply that says a sentence or a 3-word phrase twice (what `guppylm eval` counts)."""
+    pack = minimal_pack()
+    pack["topics"][0]["replies"] = ["food, i want food, i want food.", "food is good{.|!}"]
+    persona, rng = load_persona(write(tmp_path, pack)), random.Random(0)
+    assert {persona.sample(persona.specs["food"], rng)[1] for _ in range(50)} == {"food is good.", "food is good!"}
+    pack["topics"][0]["replies"] = ["food. food."]
+    with pytest.raises(PersonaError, match=r"topics\[0\].replies: a reply repeats a sentence or a 3-word phrase: 'food. food.'"):
+        build_dataset(write(tmp_path, pack))
+
+
 def test_a_pack_too_small_for_the_request_says_so(tmp_path):
     with pytest.raises(PersonaError, match=r"topics\[0\]: only \d+ distinct conversations about 'food'"):
         build_dataset(write(tmp_path, minimal_pack()), num_samples=5000, test_size=10)
