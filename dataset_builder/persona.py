@@ -146,6 +146,7 @@ class Topic:
     dev: list  # held-out prompts to tune data and recipes against, so `eval` stays unseen
     pools: dict  # name -> list of parsed templates; the pack's pools merged under the topic's own
     field: str  # "topics[3]", for error messages
+    weight: float  # its share of the conversations, relative to the other topics' (1 by default)
 
 
 @dataclass
@@ -336,7 +337,7 @@ def _validate(data, path):
     specs = {}
     for i, raw in enumerate(data["topics"]):
         field = f"topics[{i}]"
-        section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools", "dev"))
+        section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools", "dev", "weight"))
         topic = typed(raw["name"], f"{field}.name", str)
         if topic in specs:
             fail(f"{field}.name", f"duplicate topic '{topic}'")
@@ -358,7 +359,8 @@ def _validate(data, path):
                 fail(place, str(error))
         eval_prompts = strings(raw["eval"], f"{field}.eval")
         dev_prompts = strings(raw["dev"], f"{field}.dev") if "dev" in raw else []
-        specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, dev_prompts, scope, field)
+        weight = typed(raw.get("weight", 1.0), f"{field}.weight", float, 0.1, 10)
+        specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, dev_prompts, scope, field, weight)
 
     kinds = data.get("kinds", {})
     if not isinstance(kinds, dict):

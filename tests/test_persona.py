@@ -217,6 +217,20 @@ def test_replies_that_repeat_themselves_are_redrawn(tmp_path):
         build_dataset(write(tmp_path, pack))
 
 
+def test_topic_weights_share_the_conversations(tmp_path):
+    pack = minimal_pack()
+    pack["topics"][0]["weight"] = 3
+    pack["topics"].append({**pack["topics"][0], "name": "water", "words": ["water"], "weight": 1,
+                           "ask": ["{wet|damp} {enough|today}{?|!|}"], "replies": ["water is {wet|fine}."]})
+    dataset = build_dataset(write(tmp_path, pack), num_samples=40, test_size=8)
+    names = dataset["train"].features["topic"].names
+    counts = {split: [names[t] for t in data["topic"]].count("food") for split, data in dataset.items()}
+    assert counts == {"train": 24, "test": 6}  # 3/4 of 32 and of 8
+    pack["topics"][1]["weight"] = 0
+    with pytest.raises(PersonaError, match=r"fish.yaml: topics\[1\].weight: must be between 0.1 and 10, not 0.0"):
+        load_persona(write(tmp_path, pack))
+
+
 def test_a_pack_too_small_for_the_request_says_so(tmp_path):
     with pytest.raises(PersonaError, match=r"topics\[0\]: only \d+ distinct conversations about 'food'"):
         build_dataset(write(tmp_path, minimal_pack()), num_samples=5000, test_size=10)
