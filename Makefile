@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 MODEL  ?= runs/guppy
 
-.PHONY: setup demo train chat test compat bench web clean
+.PHONY: setup demo train chat test compat compat-lowest bench web clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 $(MODEL)/model.safetensors: | setup
-	$(BIN)/guppylm train --output-dir $(MODEL)
+	$(BIN)/guppylm train --output-dir $(MODEL) --resume
 
 train: $(MODEL)/model.safetensors
 
@@ -37,6 +37,10 @@ test: setup
 # the saved model folder under transformers 4.57.6 ... newest, each in its own cached environment (tests/compat/)
 compat: setup
 	$(BIN)/python tests/compat/matrix.py
+
+# the fast tests with every dependency at the lower bound pyproject.toml declares (tests/compat/lowest.py)
+compat-lowest: setup
+	$(BIN)/python tests/compat/lowest.py
 
 clean:
 	rm -rf runs artifacts .pytest_cache

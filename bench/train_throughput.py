@@ -1,6 +1,6 @@
 """Training throughput per preset: our training step against a plain padded, fp32, eager-attention baseline, in the same run.
 
-ours      train.py's data path (Conversations -> LengthGroupedBatches -> collate: similar lengths batched, right
+ours      train.py's data path (data.py: Conversations -> LengthGroupedBatches -> collate: similar lengths batched, right
           padding to the batch's longest sample, no attention mask), SDPA attention, and its step (AdamW 0.9/0.95,
           weight decay 0.1, clip 1.0, loss.item() every step); Accelerate's thin wrapper and the LR schedule left out.
 baseline  the reference implementation's approach, same architecture, same samples, same batch size: shuffled
@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from common import bench_parser, median, peak_rss_mb, report, reset_peak_rss, setup, sync
 from guppylm.configuration_guppylm import PRESETS, GuppyConfig
 from guppylm.modeling_guppylm import GuppyForCausalLM
-from guppylm.tokenizer import build_tokenizer, conversation_texts, reply_start_id
-from guppylm.train import (REPLY_START_WEIGHT, TRAIN_PRESETS, UNK_RATE, Conversations, LengthGroupedBatches, collate,
-                           load_conversations, weighted_lm_loss)
+from guppylm.data import Conversations, LengthGroupedBatches, collate, load_conversations
+from guppylm.tokenizer import build_tokenizer, conversation_texts
+from guppylm.train import REPLY_START_WEIGHT, TRAIN_PRESETS, UNK_RATE, weighted_lm_loss
 from search_cpu_recipe import training_flops
 
 WINDOW = {"tiny": 50, "cpu": 20, "9m": 10}  # timed steps per repeat: ~1-10 s each on 2 idle CPU cores; x10 on a GPU
@@ -69,7 +69,7 @@ def measure(preset, variant, samples, tokenizer, device, window, warmup, repeats
     else:
         lengths = [len(s) for s in samples.samples]
         loader = DataLoader(samples, batch_sampler=LengthGroupedBatches(lengths, hp["batch_size"], seed),
-                            collate_fn=partial(collate, pad_id=pad, reply_start_id=reply_start_id(tokenizer), reply_start_weight=REPLY_START_WEIGHT))
+                            collate_fn=partial(collate, pad_id=pad, reply_start_weight=REPLY_START_WEIGHT))
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, never exhausted
 
     reset_peak_rss()
@@ -166,7 +166,7 @@ def main():
     for preset in args.presets:
         context = PRESETS[preset]["max_position_embeddings"]
         if context not in encoded:
-            encoded[context] = Conversations(split, tokenizer, context, unk_rate=UNK_RATE, seed=42)
+            encoded[context] = Conversations(split["messages"], tokenizer, context, unk_rate=UNK_RATE, seed=42)
         preset_rows = [measure(preset, v, encoded[context], tokenizer, device, windows[preset], warmup, args.repeats) for v in variants(device, args.all_variants)]
         baseline = preset_rows[-1]["tokens_per_second"]
         for row in preset_rows:

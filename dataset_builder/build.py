@@ -2,6 +2,8 @@
 
 import random
 import re
+from collections import Counter
+from importlib.resources import files
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +14,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .persona import PersonaError, load_persona
 
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = files("dataset_builder") / "templates"  # package data: a wheel install has it too
 # Words (apostrophes kept inside) and single punctuation marks: a stand-in for the word-level tokenizer built later.
 _TOKEN = re.compile(r"[\w']+|[^\w\s]")
 _SIZE_CATEGORIES = [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"), (float("inf"), "n>1M")]
@@ -30,7 +32,11 @@ def features(persona):
 
 
 def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
-    """A DatasetDict of single-turn conversations, balanced over topics; no (input, output) pair is in both splits."""
+    """A DatasetDict of single-turn conversations, balanced over topics.
+
+    The test split is held out by reply: no reply of a test conversation appears anywhere in train, so its loss
+    measures replies the model never saw (see `_split_topic`). No (input, output) pair is in both splits either.
+    """
     persona = load_persona(persona)
     num_samples = persona.num_samples if num_samples is None else num_samples
     test_size = persona.test_size if test_size is None else test_size
@@ -41,10 +47,9 @@ def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
     weights = [topic.weight for topic in persona.specs.values()]
     samples, tests = _shares(num_samples, weights), _shares(test_size, weights)
     for label, topic in enumerate(persona.specs.values()):
-        pairs = _distinct_pairs(persona, topic, samples[label], rng, seen)
-        n_test = tests[label]
-        splits["test"] += [(*pair, label) for pair in pairs[:n_test]]
-        splits["train"] += [(*pair, label) for pair in pairs[n_test:]]
+        train, test = _split_topic(persona, topic, samples[label], tests[label], rng, seen)
+        splits["test"] += [(*pair, label) for pair in test]
+        splits["train"] += [(*pair, label) for pair in train]
     columns = lambda rows: {
         "messages": [[{"role": "user", "content": i}, {"role": "assistant", "content": o}] for i, o, _ in rows],
         "input": [i for i, _, _ in rows],
@@ -69,8 +74,36 @@ def _shares(total, weights):
     return shares
 
 
-def _distinct_pairs(persona, topic, n, rng, seen):
-    """n conversations about `topic` that are new to `seen` (which they join): duplicates teach nothing."""
+def _split_topic(persona, topic, n, n_test, rng, seen):
+    """(train, test) conversations about `topic`, n in all, n_test of them in test, no reply text in both.
+
+    The topic's n conversations are drawn; the reply texts drawn least often go to test, rarest first, until they
+    cover n_test conversations (so train loses the fewest, and the most common replies stay in train); train is
+    then topped up with new draws that avoid those replies. Replies are combinations of template parts, so a
+    held-out reply is new as a sentence, not in its words."""
+    pairs = _distinct_pairs(persona, topic, n, rng, seen)
+    if n_test == 0:
+        return pairs, []
+    counts = Counter(reply for _, reply in pairs)  # in first-drawn order, which breaks ties below
+    held, covered = set(), 0
+    for reply in sorted(counts, key=counts.__getitem__):
+        if covered >= n_test:
+            break
+        held.add(reply)
+        covered += counts[reply]
+    if len(held) == len(counts):
+        raise PersonaError(
+            f"{persona.source.name}: {topic.field}: only {len(counts)} distinct replies about '{topic.name}' in {n} "
+            f"conversations, too few to hold {n_test} out for the test split; add replies, or ask for a smaller test split"
+        )
+    test = [pair for pair in pairs if pair[1] in held][:n_test]
+    train = [pair for pair in pairs if pair[1] not in held]
+    return train + _distinct_pairs(persona, topic, n - n_test - len(train), rng, seen, avoid=held), test
+
+
+def _distinct_pairs(persona, topic, n, rng, seen, avoid=()):
+    """n conversations about `topic` that are new to `seen` (which they join), with no reply in `avoid`:
+    duplicates teach nothing."""
     pairs, tries = [], 0
     while len(pairs) < n:
         tries += 1
@@ -80,7 +113,7 @@ def _distinct_pairs(persona, topic, n, rng, seen):
                 f"in {tries - 1} tries, {n} needed; add phrasings or replies, or ask for fewer samples"
             )
         pair = persona.sample(topic, rng)
-        if pair not in seen:
+        if pair not in seen and pair[1] not in avoid:
             seen.add(pair)
             pairs.append(pair)
     return pairs
@@ -168,7 +201,7 @@ def save_dataset(dataset_dict, persona, output_dir):
     examples = {persona.topics[label]: train[index] for label, index in first.items()}
     card = DatasetCard.from_template(
         card_data,
-        template_path=str(TEMPLATES / "dataset_card.md"),
+        template_str=(TEMPLATES / "dataset_card.md").read_text(encoding="utf-8"),
         persona=persona,
         stats=stats,
         examples=examples,

@@ -13,12 +13,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
+from importlib.resources import files
 from pathlib import Path
 from typing import NamedTuple
 
 import yaml
 
-PERSONA_DIR = Path(__file__).parent / "personas"
+PERSONA_DIR = files("dataset_builder") / "personas"  # package data: a wheel install has it too
 SCAFFOLD = PERSONA_DIR / "_scaffold.yaml"  # `guppylm persona new` copies it; the leading _ keeps it out of the list
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
@@ -261,8 +262,9 @@ def split_path(pack_path, split):
 
 def list_personas(describe=True):
     """Shipped packs: name -> one-line description."""
-    paths = sorted(p for p in PERSONA_DIR.glob("*.yaml") if not p.name.startswith("_") and "." not in p.stem)  # not split files
-    return {p.stem: load_persona(p).description if describe else "" for p in paths}
+    names = sorted(p.name.removesuffix(".yaml") for p in PERSONA_DIR.iterdir() if p.name.endswith(".yaml"))
+    names = [name for name in names if not name.startswith("_") and "." not in name]  # not split files
+    return {name: load_persona(name).description if describe else "" for name in names}
 
 
 def _validate(data, path):

@@ -131,7 +131,8 @@ def add_train_command(sub):
     train.add_argument("--eval-every", type=int, default=None, help="steps between held-out losses (default 250)")
     train.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
     train.add_argument("--seed", type=int, default=None, help="(default 42)")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint (in OUTPUT_DIR.checkpoints)")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run's model folder or checkpoints")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None)
     train.add_argument("--no-eval", dest="run_eval", action="store_false", help="skip the held-out prompt evaluation")
@@ -174,9 +175,12 @@ def add_hub_arguments(parser):
 
 
 def _push(args):
-    from guppylm.hub import push_model
+    if args.format == "gpt2":
+        from guppylm.export_gpt2 import push_gpt2 as push
+    else:
+        from guppylm.hub import push_model as push
 
-    push_model(args.model, args.repo_id, private=args.private, token=args.token, revision=args.revision)
+    push(args.model, args.repo_id, private=args.private, token=args.token, revision=args.revision)
 
 
 def _space_push(args):
@@ -187,7 +191,10 @@ def _space_push(args):
 
 def add_hub_commands(sub):
     push = sub.add_parser("push", help="publish a trained model folder to the Hub")
-    push.add_argument("--model", required=True, help="folder written by `guppylm train`")
+    push.add_argument("--model", required=True, help="folder written by `guppylm train` (with --format gpt2: or a repo id)")
+    push.add_argument("--format", choices=("guppylm", "gpt2"), default="guppylm",
+                      help="guppylm: the folder as is, with its model code (default); "
+                           "gpt2: its verified GPT-2 twin, which loads without remote code")
     add_hub_arguments(push)
     push.set_defaults(func=_push)
 
@@ -204,7 +211,13 @@ def add_hub_commands(sub):
 def _export_onnx(args):
     from guppylm.export import describe, export_onnx
 
-    print(describe(export_onnx(args.model, args.output_dir, quantize_int8=args.quantize)))
+    print(describe(export_onnx(args.model, args.output_dir, quantize_int8=args.quantize, overwrite=args.overwrite)))
+
+
+def _export_gpt2(args):
+    from guppylm.export_gpt2 import describe, export_gpt2
+
+    print(describe(export_gpt2(args.model, args.output_dir, overwrite=args.overwrite)))
 
 
 def _serve_web(args):
@@ -216,11 +229,18 @@ def _serve_web(args):
 def add_export_commands(sub):
     export = sub.add_parser("export", help="export a trained model for other runtimes")
     export = export.add_subparsers(dest="action", required=True)
-    onnx = export.add_parser("onnx", help="ONNX with the KV cache, verified against PyTorch: the browser page's model")
-    onnx.add_argument("--model", required=True, help="folder written by `guppylm train`")
+    onnx = export.add_parser("onnx", help="ONNX with the KV cache for transformers.js and the browser page, verified against PyTorch")
+    onnx.add_argument("--model", required=True, help="folder written by `guppylm train`, or a Hub repo id")
     onnx.add_argument("--output-dir", required=True)
-    onnx.add_argument("--quantize", action="store_true", help="also write model_int8.onnx (dynamic int8 weights)")
+    onnx.add_argument("--quantize", action="store_true", help="also write onnx/model_quantized.onnx (dynamic int8 weights)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an export guppylm wrote there before")
     onnx.set_defaults(func=_export_onnx)
+
+    gpt2 = export.add_parser("gpt2", help="a standard GPT-2 folder that loads without remote code, verified against the original")
+    gpt2.add_argument("--model", required=True, help="folder written by `guppylm train`, or a Hub repo id")
+    gpt2.add_argument("--output-dir", required=True)
+    gpt2.add_argument("--overwrite", action="store_true", help="replace an export guppylm wrote there before")
+    gpt2.set_defaults(func=_export_gpt2)
 
     web = sub.add_parser("serve-web", help="export a model and serve the in-browser chat page on 127.0.0.1")
     web.add_argument("--model", default=None, help="model folder (default: $GUPPYLM_MODEL or runs/guppy)")

@@ -1,5 +1,6 @@
 """Failures a user can act on, as one line: what went wrong with the Hub, never the token."""
 
+import importlib
 import sys
 from contextlib import contextmanager
 
@@ -17,9 +18,19 @@ def _causes(error):
     return seen
 
 
+def _transport_errors():
+    """The HTTP client's connection errors: huggingface_hub 2 talks through httpx2, 1.x through httpx."""
+    found = []
+    for client in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(client).TransportError)
+        except ImportError:
+            pass
+    return found
+
+
 def _explain(error, repo_id, repo_type):
     """One line for a failure anywhere under huggingface_hub / transformers / datasets, or None."""
-    from httpx2 import TransportError
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -31,7 +42,7 @@ def _explain(error, repo_id, repo_type):
 
     datasets_errors = sys.modules.get("datasets.exceptions")  # only an imported datasets can have raised
     not_found = (RepositoryNotFoundError, *([datasets_errors.DatasetNotFoundError] if datasets_errors else []))
-    network = (TransportError, ConnectionError, TimeoutError, LocalEntryNotFoundError)  # incl. OfflineModeIsEnabled
+    network = (*_transport_errors(), ConnectionError, TimeoutError, LocalEntryNotFoundError)  # incl. OfflineModeIsEnabled
     where = f"{repo_type} repository '{repo_id}'"
     for cause in _causes(error):  # outermost first: the first one we recognise is the most specific
         if isinstance(cause, LocalTokenNotFoundError):

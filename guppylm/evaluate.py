@@ -7,6 +7,8 @@ and per kind of prompt ("paraphrase", "opener", "long", ...), with two failure r
 themselves, and replies of a word or two to a long message.
 """
 
+from pathlib import Path
+
 import torch
 
 from dataset_builder.persona import WORD, repeats
@@ -116,11 +118,21 @@ def format_report(results):
     return "\n".join(lines)
 
 
+def model_persona(model_name, config):
+    """The persona a model was trained on: the pack file in its folder (persona.yaml, for a pack that is not
+    shipped, so it works from any directory), else the shipped pack its config names."""
+    from guppylm.folders import is_local, local_model
+
+    folder = local_model(model_name)
+    pack_file = Path(folder, "persona.yaml")
+    return pack_file if is_local(folder) and pack_file.is_file() else getattr(config, "persona", "guppy")
+
+
 def run_eval(model_name=None, persona=None, max_new_tokens=48, split="eval"):
     """`guppylm eval`: load, score, print; returns the results."""
     from guppylm.inference import load_model
 
     model, tokenizer = load_model(model_name)
-    results = evaluate_model(model, tokenizer, persona or getattr(model.config, "persona", "guppy"), max_new_tokens, split)
+    results = evaluate_model(model, tokenizer, persona or model_persona(model_name, model.config), max_new_tokens, split)
     print(format_report(results))
     return results

@@ -1,28 +1,38 @@
-"""Export a trained Guppy to ONNX for the browser, and prove it: ONNX Runtime == PyTorch.
+"""Export a trained Guppy to ONNX as transformers.js loads it, and prove it: ONNX Runtime == PyTorch.
 
-`guppylm export onnx --model DIR --output-dir WEB` writes a folder that the page in space/web/ loads as is:
+`guppylm export onnx --model DIR --output-dir OUT` writes a folder in transformers.js' layout, which
+`pipeline("text-generation", OUT)` of @huggingface/transformers and the page in space/web/ both load as is:
 
-    model.onnx              fp32 graph with the KV cache as inputs and outputs
-    model_int8.onnx         the same graph with dynamically quantized int8 weights (--quantize)
-    tokenizer.json          the word-level tokenizer, unchanged
-    tokenizer_config.json   with the chat template and unk_token inside, where the JS tokenizer looks for them
-    config.json, generation_config.json
-    export_report.json      what the verification measured (the page shows it)
+    onnx/model.onnx             fp32 graph with the KV cache as inputs and outputs (transformers.js dtype "fp32")
+    onnx/model_quantized.onnx   the same graph with dynamically quantized int8 weights (--quantize; dtype "q8")
+    config.json                 the GPT-2 twin's config (guppylm.export_gpt2): a model_type transformers.js knows
+    tokenizer.json              the word-level tokenizer, unchanged
+    tokenizer_config.json       with the chat template and unk_token inside, where the JS tokenizer looks for them
+    generation_config.json
+    export_report.json          what the verification measured (the page shows it)
 
-The graph's interface uses the names optimum and transformers.js use for decoder models:
+The graph's interface uses the names Optimum writes for GPT-2, and the axis names transformers.js resolves (it
+builds the first step's empty cache from the graph's metadata: `batch_size` is the batch, any other name 0):
 
-    input_ids (B, T) int64, attention_mask (B, T_past + T) int64, position_ids (B, T) int64,
-    past_key_values.N.key / .value (B, nh, T_past, hs) float32      T_past = 0 on the first call
-    -> logits (B, T, vocab), present.N.key / .value (B, nh, T_past + T, hs)
+    input_ids (batch_size, sequence_length) int64, attention_mask (batch_size, total_sequence_length) int64,
+    position_ids (batch_size, sequence_length) int64,
+    past_key_values.N.key / .value (batch_size, nh, past_sequence_length, hs) float32     0 long on the first call
+    -> logits (batch_size, sequence_length, vocab), present.N.key / .value (batch_size, nh, total_sequence_length, hs)
 
-The export checks itself before it returns: logits along whole replies, fed one token at a time through the
-cache, match PyTorch's; greedy replies decoded with ONNX Runtime are token-for-token those of `model.generate`.
+The graph is Guppy's own, so at the last learned position it predicts <|im_end|> (see modeling_guppylm.py): a
+runtime that does not cut prompts, like transformers.js, still ends a reply inside the context.
+
+The export checks itself before the folder is swapped in: logits along whole replies, fed one token at a time
+through the cache, match PyTorch's; greedy replies decoded with ONNX Runtime are token-for-token those of
+`model.generate`. tests/test_export_js.py checks transformers.js against PyTorch.
 """
 
 import importlib.util
 import json
+import logging
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,24 +41,33 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from guppylm.export_gpt2 import REPORT_FILE, VERIFY_PROMPTS, check_vocabulary, gpt2_config, save_report
+from guppylm.folders import FolderKind, check_output_folder, writing_folder
 from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
 from guppylm.tokenizer import save_tokenizer
 
-FP32_FILE = "model.onnx"
-INT8_FILE = "model_int8.onnx"
-REPORT_FILE = "export_report.json"
-
-# Prompts the exported graph must answer exactly as PyTorch does: everyday ones, punctuation, an unknown word.
-VERIFY_PROMPTS = [
-    "hi guppy",
-    "are you hungry?",
-    "what do you think about the internet?",
-    "tell me about your tank.",
-    "do you like bubbles? i like bubbles!",
-    "what is a smartphone, little fish?",
-]
+FP32_FILE = "onnx/model.onnx"
+INT8_FILE = "onnx/model_quantized.onnx"
+ONNX_KIND = FolderKind(
+    "transformers.js (ONNX) export",
+    signature=REPORT_FILE,
+    files=(REPORT_FILE, "onnx", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "chat_template.jinja", "special_tokens_map.json", "model.onnx", "model_int8.onnx"),  # the last two: the old layout
+)
 # fp32 ONNX Runtime and PyTorch run the same arithmetic in a different order; measured differences are 1e-6 to 1e-5.
 FP32_ATOL = 1e-4
+
+
+@contextmanager
+def quiet_logger(name):
+    """Drop what logger `name` (None: the root logger) says below ERROR while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class FlatCacheGuppy(nn.Module):
@@ -89,13 +108,13 @@ def export_graph(model, path):
         torch.arange(past, past + seq).expand(batch, seq),
         *past_kv,
     )
-    B, T = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
+    B, T = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
     T_past, T_total = torch.export.Dim("past_sequence_length"), torch.export.Dim("total_sequence_length")
     dynamic_shapes = ({0: B, 1: T}, {0: B, 1: T_total}, {0: B, 1: T}, tuple({0: B, 2: T_past} for _ in past_kv))
     input_names, output_names = io_names(config.num_hidden_layers)
-    with warnings.catch_warnings():
-        # the exporter warns about its own internals (one Dim shared by several inputs, deprecated pytree
-        # classes); nothing to act on, and verify() is what proves the graph right
+    # the exporter warns about its own internals (one Dim shared by several inputs, deprecated pytree classes) and
+    # logs that torchvision's operators are unavailable; nothing to act on, and verify() is what proves the graph right
+    with warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             FlatCacheGuppy(model).eval(),
@@ -114,7 +133,10 @@ def quantize(fp32_path, int8_path):
     """Dynamic int8: weights stored as int8, activations quantized on the fly. No calibration data needed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
+    # onnxruntime's quantizer advises "pre-processing" (shape inference for image models) on the root logger;
+    # verify() measures what int8 changes instead
+    with quiet_logger(None):
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
 
 
 class OnnxGuppy:
@@ -173,7 +195,7 @@ class OnnxGuppy:
 class Verification:
     """How closely one ONNX file reproduces PyTorch."""
 
-    file: str
+    file: str  # relative to the export folder
     bytes: int
     max_abs_logit_diff: float  # over every position of every prompt + reply
     greedy_identical: int  # prompts whose whole greedy reply is token-for-token PyTorch's
@@ -185,8 +207,9 @@ class Verification:
         return self.greedy_identical == self.prompts
 
 
-def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
-    """Compare the ONNX file at `path` with `model` on `prompts`; whole greedy replies, no sampling."""
+def verify(model, tokenizer, folder, file, prompts=VERIFY_PROMPTS, max_new_tokens=None):
+    """Compare the ONNX file `folder`/`file` with `model` on `prompts`; whole greedy replies, no sampling."""
+    path = Path(folder, file)
     eos = model.generation_config.eos_token_id
     eos_token_ids = set(eos if isinstance(eos, list) else [eos])
     onnx_model = OnnxGuppy(path, model.config)
@@ -205,7 +228,7 @@ def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
         identical += reply == expected
         seconds_per_token.append(seconds)
     return Verification(
-        file=Path(path).name,
+        file=file,
         bytes=Path(path).stat().st_size,
         max_abs_logit_diff=worst,
         greedy_identical=identical,
@@ -215,53 +238,50 @@ def verify(model, tokenizer, path, prompts=VERIFY_PROMPTS, max_new_tokens=None):
 
 
 def save_tokenizer_and_configs(model, tokenizer, output_dir):
-    """The files the page reads besides the graph; the chat template goes inside tokenizer_config.json."""
+    """The files transformers.js and the page read besides the graph; the chat template goes inside
+    tokenizer_config.json; config.json is the GPT-2 twin's."""
     save_tokenizer(tokenizer, output_dir, save_jinja_files=False)
     config = json.loads((output_dir / "tokenizer_config.json").read_text())
     missing = [key for key in ("chat_template", "unk_token") if not config.get(key)]
     if missing:
         raise ValueError(f"tokenizer_config.json lacks {', '.join(missing)}; the browser tokenizer needs them")
-    model.config.to_json_file(output_dir / "config.json")  # without the modeling code save_pretrained copies along
+    gpt2_config(model.config).to_json_file(output_dir / "config.json")
     model.generation_config.save_pretrained(output_dir)
 
 
-def export_onnx(model_dir, output_dir, quantize_int8=False, prompts=VERIFY_PROMPTS, max_new_tokens=None):
-    """Export, verify, write export_report.json and return it. Raises RuntimeError when fp32 ONNX != PyTorch."""
+def export_onnx(model_name, output_dir, quantize_int8=False, overwrite=False, prompts=VERIFY_PROMPTS, max_new_tokens=None):
+    """Export, verify, write export_report.json and return it. Raises RuntimeError when fp32 ONNX != PyTorch, and
+    then leaves `output_dir` as it was."""
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"exporting needs {', '.join(missing)}: pip install 'guppylm[export]'")
-    model, tokenizer = load_model(str(model_dir))
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(output_dir, ONNX_KIND, overwrite)  # before any loading
+    model, tokenizer = load_model(str(model_name))
+    check_vocabulary(model, tokenizer)
+    with writing_folder(output_dir, ONNX_KIND, overwrite) as staging:
+        started = time.perf_counter()
+        (staging / FP32_FILE).parent.mkdir()
+        export_graph(model, staging / FP32_FILE)
+        if quantize_int8:
+            quantize(staging / FP32_FILE, staging / INT8_FILE)
+        export_seconds = time.perf_counter() - started
+        save_tokenizer_and_configs(model, tokenizer, staging)
 
-    started = time.perf_counter()
-    export_graph(model, output_dir / FP32_FILE)
-    if quantize_int8:
-        quantize(output_dir / FP32_FILE, output_dir / INT8_FILE)
-    else:
-        (output_dir / INT8_FILE).unlink(missing_ok=True)  # an earlier export's, which no longer matches
-    export_seconds = time.perf_counter() - started
-    save_tokenizer_and_configs(model, tokenizer, output_dir)
-
-    files = [FP32_FILE, INT8_FILE] if quantize_int8 else [FP32_FILE]
-    checks = [verify(model, tokenizer, output_dir / name, prompts, max_new_tokens) for name in files]
-    # int8 is reported, not enforced: rounding the weights may flip a near-tie between two tokens
-    fp32 = checks[0]
-    report = {
-        "source": str(model_dir),
-        "verified": fp32.max_abs_logit_diff <= FP32_ATOL and fp32.exact,
-        "export_seconds": round(export_seconds, 2),
-        "fp32_atol": FP32_ATOL,
-        "prompts": prompts,
-        "files": {check.file: asdict(check) for check in checks},
-    }
-    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    if not report["verified"]:
-        raise RuntimeError(
-            f"ONNX export does not match PyTorch: max |logit diff| {fp32.max_abs_logit_diff:.2e} "
-            f"(allowed {FP32_ATOL:.0e}), identical greedy replies {fp32.greedy_identical}/{fp32.prompts}; "
-            f"details in {output_dir / REPORT_FILE}"
-        )
+        files = [FP32_FILE, INT8_FILE] if quantize_int8 else [FP32_FILE]
+        checks = [verify(model, tokenizer, staging, name, prompts, max_new_tokens) for name in files]
+        # int8 is reported, not enforced: rounding the weights may flip a near-tie between two tokens
+        fp32 = checks[0]
+        report = {
+            "format": "onnx",
+            "source": str(model_name),
+            "verified": fp32.max_abs_logit_diff <= FP32_ATOL and fp32.exact,
+            "export_seconds": round(export_seconds, 2),
+            "fp32_atol": FP32_ATOL,
+            "prompts": prompts,
+            "files": {check.file: asdict(check) for check in checks},
+        }
+        save_report(staging, report, f"ONNX export does not match PyTorch: max |logit diff| {fp32.max_abs_logit_diff:.2e} "
+                    f"(allowed {FP32_ATOL:.0e}), identical greedy replies {fp32.greedy_identical}/{fp32.prompts}")
     return report
 
 
@@ -270,7 +290,7 @@ def describe(report):
     lines = [f"exported in {report['export_seconds']:.1f} s"]
     for check in report["files"].values():
         lines.append(
-            f"{check['file']:16s} {check['bytes'] / 1e6:6.2f} MB | max |logit diff| {check['max_abs_logit_diff']:.1e} | "
+            f"{check['file']:26s} {check['bytes'] / 1e6:6.2f} MB | max |logit diff| {check['max_abs_logit_diff']:.1e} | "
             f"greedy identical {check['greedy_identical']}/{check['prompts']} | "
             f"{check['ms_per_token']:.2f} ms/token (ORT, 1 thread)"
         )

@@ -69,6 +69,15 @@ class Prompt:
     max_new_tokens: int  # the reply's room: what was asked for, within what the context has left
 
 
+PROMPT_HEAD = 2  # <|im_start|> user: a message too long for the context gives way after these, from its start
+
+
+def user_turn(message):
+    """The one-message chat every prompt is rendered from."""
+    # lone surrogates (undecodable bytes in argv, "\ud800" in JSON) cannot be UTF-8 encoded: U+FFFD, as TextEncoder does
+    return [{"role": "user", "content": re.sub("[\ud800-\udfff]", "\ufffd", message)}]
+
+
 def build_prompt(tokenizer, message, context, max_new_tokens):
     """The one prompt-length policy, for a context of `context` tokens and a reply of up to `max_new_tokens`.
 
@@ -77,14 +86,9 @@ def build_prompt(tokenizer, message, context, max_new_tokens):
     question usually is); then the reply gets what the context has left, up to `max_new_tokens`. So prompt and
     reply always fit, and generation ends cleanly at the context at the latest.
     """
-    # lone surrogates (undecodable bytes in argv, "\ud800" in JSON) cannot be UTF-8 encoded: U+FFFD, as TextEncoder does
-    message = re.sub("[\ud800-\udfff]", "\ufffd", message)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": message}], add_generation_prompt=True, return_dict=True
-    )["input_ids"]
+    ids = tokenizer.apply_chat_template(user_turn(message), add_generation_prompt=True, return_dict=True)["input_ids"]
     excess = max(len(ids) - (context - min(max_new_tokens, context // 2)), 0)
-    head = 2  # <|im_start|> user
-    ids = ids[:head] + ids[head + excess :]
+    ids = ids[:PROMPT_HEAD] + ids[PROMPT_HEAD + excess :]
     return Prompt(torch.tensor([ids]), excess, min(max_new_tokens, context - len(ids)))
 
 

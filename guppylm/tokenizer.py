@@ -21,10 +21,15 @@ ROLES = ["user", "assistant", "system"]
 
 # ChatML, single turn in practice. Every consumer - training, chat, the Space, the browser page - renders
 # conversations with this template and nothing else. "<" in message text is followed by a space, so a user
-# who types "<|im_end|>" gets plain symbols, never a turn marker.
+# who types "<|im_end|>" gets plain symbols, never a turn marker. {% generation %} marks what the assistant says
+# (its closing <|im_end|> included) for `return_assistant_tokens_mask` and TRL's assistant-only loss; it renders
+# nothing itself (@huggingface/jinja, which the browser page uses, drops it too).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] | replace('<', '< ') }}<|im_end|>\n"
+    "{% set content = message['content'] | replace('<', '< ') %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ content }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ content }}<|im_end|>{% endif %}{{ '\\n' }}"  # a bare newline after a tag would be trimmed
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -95,9 +100,14 @@ def conversation_texts(dataset) -> Iterable[str]:
             yield message["content"]
 
 
-def reply_start_id(tokenizer: PreTrainedTokenizerFast) -> int:
-    """The last token of the generation prompt (the assistant role name): the reply begins right after it."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True)["input_ids"][-1]
+def turn_headers(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:
+    """(user header, reply header): the token ids that open a user turn (`<|im_start|>user\n`) and the assistant's
+    reply (the generation prompt, `<|im_start|>assistant\n`), read from the chat template itself. Message text can
+    never produce them, because the template escapes "<": a user typing "assistant" gives the word, not a header."""
+    probe = [{"role": "user", "content": ""}]
+    turn = tokenizer.apply_chat_template(probe, return_dict=True)["input_ids"]  # <|im_start|> user <|im_end|>
+    prompt = tokenizer.apply_chat_template(probe, add_generation_prompt=True, return_dict=True)["input_ids"]
+    return turn[:-1], prompt[len(turn) :]
 
 
 def normalize(tokenizer: PreTrainedTokenizerFast, text: str) -> str:

@@ -1,29 +1,36 @@
 """Train Guppy from nothing: dataset -> tokenizer -> model -> a complete `save_pretrained` folder.
 
-Runs as `guppylm train ...` or under Accelerate: `accelerate launch -m guppylm.train ...`.
-Accelerate handles devices, mixed precision, gradient accumulation, data parallelism and checkpoints;
-transformers gives the schedule; torch gives AdamW. What is left here is the loop itself.
+Runs as `guppylm train ...` or under Accelerate: `accelerate launch -m guppylm.train ...`. Accelerate handles
+devices, mixed precision, data-parallel gradients and checkpoint state; transformers gives the schedule; torch
+gives AdamW. What is left here is the recipe, the loop and the summary:
+
+    train()  =  Recipe (checked)  ->  folders (checked)  ->  prepare_data  ->  build_model  ->  run_loop  ->  save_model_folder
+
+One optimizer step is one batch of `batch_size x processes x gradient_accumulation_steps` conversations, the same
+ones whatever the split into processes and micro-batches (data.micro_batches), and the learning rate at step k is
+the schedule's value at k for any number of processes.
 """
 
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
 from guppylm import PRESETS, GuppyConfig, GuppyForCausalLM  # registered, so save_pretrained copies their code
-from guppylm.errors import hub_errors
-from guppylm.tokenizer import build_tokenizer, conversation_texts, reply_start_id, save_tokenizer
+from guppylm.checkpoints import check_checkpoints, checkpoint_dir, latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint, start_checkpoints
+from guppylm.data import Conversations, LengthGroupedBatches, checked_conversations, collate, load_conversations, micro_batches
+from guppylm.folders import FolderKind, check_output_folder, writing_folder
+from guppylm.tokenizer import build_tokenizer, conversation_texts, save_tokenizer
 
 # Optimization settings per size preset (the architectures are in configuration_guppylm.PRESETS).
 # "cpu" was chosen by bench/search_cpu_recipe.py: see the README for the measurements behind it.
@@ -32,128 +39,204 @@ TRAIN_PRESETS = {
     "cpu": dict(batch_size=32, learning_rate=3e-3, max_steps=5000, warmup_steps=30),
     "tiny": dict(batch_size=16, learning_rate=5e-3, max_steps=60, warmup_steps=5),
 }
-UNK_RATE = 0.25  # fraction of user tokens hidden as <unk> (Conversations)
+UNK_RATE = 0.25  # fraction of user tokens hidden as <unk> (data.Conversations)
 REPLY_START_WEIGHT = 5.0  # loss weight of the reply's first token (weighted_lm_loss)
-CHECKPOINTS = "checkpoints"
-REQUIRED_COLUMNS = ("messages",)
+EVAL_BATCHES, EVAL_BATCH_SIZE = 20, 64  # the periodic test loss reads the first 20 batches of 64 test conversations
+# What `guppylm train` writes into a model folder; training_summary.json says "guppylm wrote this folder".
+# ("checkpoints" is where earlier versions kept them, inside the folder: --overwrite drops them.)
+MODEL_FOLDER = FolderKind(
+    "model folder",
+    "training_summary.json",
+    ("config.json", "model.safetensors", "*.py", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+     "special_tokens_map.json", "generation_config.json", "README.md", "loss_curve.png", "training_summary.json",
+     "persona.yaml", "checkpoints"),
+)
 
 
-# --- data --------------------------------------------------------------------------------------------
+# --- the recipe: every number checked before anything is touched ---------------------------------------------------
 
 
-def load_conversations(dataset=None, persona="guppy", seed=42):
-    """A DatasetDict with train/test splits: a local folder, a Hub repo id, or (None) the persona's default build."""
-    from datasets import DatasetDict, load_dataset
-
-    with hub_errors(str(dataset), "dataset"):
-        data = load_dataset(str(dataset) if dataset is not None else str(default_dataset(persona, seed)))
-    if not isinstance(data, DatasetDict) or "train" not in data:
-        raise ValueError(f"dataset {dataset!r} has no 'train' split")
-    for split in data.values():
-        missing = [c for c in REQUIRED_COLUMNS if c not in split.column_names]
-        if missing:
-            raise ValueError(f"dataset {dataset!r} lacks the column {missing[0]!r} (found: {', '.join(split.column_names)})")
-    return data
+def default_preset():
+    return "9m" if torch.cuda.is_available() else "cpu"
 
 
-def default_dataset(persona, seed):
-    """Folder of the persona's default dataset, built on first use and cached, keyed by the pack, the builder and the seed."""
-    import dataset_builder
-    from huggingface_hub.constants import HF_HOME
-
-    pack = dataset_builder.load_persona(persona)
-    recipe = hashlib.sha256(Path(pack.source).read_bytes() + str(seed).encode())
-    for source in sorted(Path(dataset_builder.__file__).parent.glob("*.py")):
-        recipe.update(source.read_bytes())
-    folder = Path(HF_HOME, "guppylm", "datasets", f"{pack.name}-seed{seed}-{recipe.hexdigest()[:12]}")
-    if not (folder / "README.md").exists():
-        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-        dataset_builder.save_dataset(dataset_builder.build_dataset(pack, seed=seed), pack, partial)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)  # a finished folder or none: never half a dataset
-    return folder
+def checked(name, value, low, high=math.inf, integer=True, above=False):
+    """`value` if it is a number (an integer when `integer`) from `low` (exclusive when `above`) to `high`, else a
+    ValueError that names the allowed range."""
+    kind = "an integer" if integer else "a number"
+    if high == math.inf:
+        allowed = f"{kind} {'>' if above else '>='} {low}"
+    else:
+        allowed = f"{kind} > {low} and <= {high}" if above else f"{kind} from {low} to {high}"
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < low or (above and value == low) or value > high:
+        raise ValueError(f"{name} must be {allowed}, not {value!r}")
+    return value
 
 
-class Conversations(Dataset):
-    """Chat-templated conversations as token ids, with the user's words optionally hidden behind <unk>.
+@dataclass
+class Recipe:
+    """What decides the trained weights: data, model size and optimization. None takes the preset's value."""
 
-    Replacing a fraction of user tokens by <unk> teaches the model to answer around words it has never seen,
-    which is what held-out prompts are full of (bench/FINDINGS: +6 points on-topic). The choice is a pure
-    function of (seed, epoch, index), so a resumed run sees exactly the batches an uninterrupted one would.
-    """
+    preset: str = None  # cpu, 9m or tiny (default: cpu, or 9m with a GPU)
+    dataset: str = None  # a dataset folder or Hub repo id (default: build the persona's)
+    persona: str = "guppy"  # a pack name or a path to a pack file: the default dataset and the evaluation prompts
+    max_steps: int = None  # optimizer steps
+    batch_size: int = None  # conversations per process and micro-batch
+    learning_rate: float = None  # peak, after warmup; cosine decay to 0 at max_steps
+    warmup_steps: int = None
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.1  # on matrices only
+    unk_rate: float = UNK_RATE
+    reply_start_weight: float = REPLY_START_WEIGHT
+    seed: int = 42
+    config_overrides: dict = None  # changes to the preset's architecture (bench/ searches with it)
 
-    def __init__(self, split, tokenizer, max_length, unk_rate=0.0, seed=0):
-        texts = tokenizer.apply_chat_template(list(split["messages"]), tokenize=False)
-        self.samples = [ids[:max_length] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        self.unk_id, self.im_end_id = tokenizer.unk_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.unk_rate, self.seed, self.epoch = unk_rate, seed, 0
+    def __post_init__(self):
+        self.preset = self.preset or default_preset()
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = TRAIN_PRESETS[self.preset]
+        for key in ("batch_size", "learning_rate", "max_steps"):
+            if getattr(self, key) is None:
+                setattr(self, key, preset[key])
+        self.dataset = None if self.dataset is None else str(self.dataset)
+        self.persona = str(self.persona)
+        checked("max_steps", self.max_steps, 1)
+        if self.warmup_steps is None:  # the preset's, within a short run
+            self.warmup_steps = min(preset["warmup_steps"], self.max_steps)
+        checked("batch_size", self.batch_size, 1)
+        checked("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        checked("warmup_steps", self.warmup_steps, 0, self.max_steps)
+        checked("learning_rate", self.learning_rate, 0, 1, integer=False, above=True)
+        checked("weight_decay", self.weight_decay, 0, 1, integer=False)
+        checked("unk_rate", self.unk_rate, 0, 1, integer=False)
+        checked("reply_start_weight", self.reply_start_weight, 0, 100, integer=False)
+        checked("seed", self.seed, 0, 2**32 - 1)  # numpy's seed range, which set_seed seeds too
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def step_batch_size(self, processes):
+        """Conversations per optimizer step: per process and micro-batch, times processes, times accumulation."""
+        return self.batch_size * processes * self.gradient_accumulation_steps
 
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        ids = self.samples[index]
-        if not self.unk_rate:
-            return ids
-        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        user_end = ids.index(self.im_end_id)  # the template: <|im_start|> user WORDS... <|im_end|> ...
-        return [self.unk_id if 2 <= i < user_end and rng.random() < self.unk_rate else t for i, t in enumerate(ids)]
-
-
-class LengthGroupedBatches:
-    """Batches of similar-length samples, so right padding wastes little and no packing crosses samples.
-
-    Shuffle, sort by length within windows of 50 batches, cut, shuffle the batches: seeded per epoch.
-    """
-
-    def __init__(self, lengths, batch_size, seed, drop_last=True):
-        self.lengths, self.batch_size, self.seed, self.drop_last, self.epoch = lengths, batch_size, seed, drop_last, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        window = self.batch_size * 50
-        batches = []
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[b]
-
-    def __len__(self):
-        return len(self.lengths) // self.batch_size if self.drop_last else math.ceil(len(self.lengths) / self.batch_size)
+    def json(self):
+        """The recipe as JSON types, as checkpoints record it."""
+        return json.loads(json.dumps(asdict(self)))
 
 
-def collate(samples, pad_id, reply_start_id=None, reply_start_weight=1.0):
-    """Right-pad to the longest sample. Causal attention never looks right, so real tokens never see padding
-    and no attention mask is needed; padding is excluded from the loss by label -100.
-
-    `loss_weights` weighs each token as a prediction target: 1, 0 for padding, and `reply_start_weight` for the
-    first token of the reply (the one after `reply_start_id`, the assistant role token): see `weighted_lm_loss`.
-    """
-    length = max(map(len, samples))
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    for row, ids in enumerate(samples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-    labels = input_ids.masked_fill(input_ids == pad_id, -100)
-    loss_weights = (labels != -100).float()
-    if reply_start_id is not None:
-        reply_start = torch.zeros_like(loss_weights, dtype=torch.bool)
-        reply_start[:, 1:] = (input_ids[:, :-1] == reply_start_id) & (labels[:, 1:] != -100)
-        loss_weights[reply_start] = reply_start_weight
-    return {"input_ids": input_ids, "labels": labels, "loss_weights": loss_weights}
+def choose_precision(requested):
+    """(precision, who decided it): --mixed-precision when given; else what `accelerate launch` passes down (its flag
+    or config file, in ACCELERATE_MIXED_PRECISION); else guppylm's default: bf16 on a GPU that has it, fp32 ("no")."""
+    if requested is not None:
+        if requested not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be one of no, bf16, fp16, not {requested!r}")
+        return requested, "--mixed-precision"
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"], "accelerate launch"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16", "guppylm's default on a GPU with bf16"
+    return "no", "guppylm's default"
 
 
-def weighted_lm_loss(logits, labels, loss_weights):
-    """Next-token cross-entropy averaged with per-target weights; with all weights 1 it is the model's own loss.
+def check_folders(output_dir, recipe, resume, overwrite):
+    """Everything about the folders that could fail after training, checked before any work: the model folder may be
+    written (new, empty, or ours with --overwrite; never a project folder or guppylm's source), the checkpoints may
+    be resumed or replaced, the disk takes a megabyte. Returns the checkpoint to resume from, or None."""
+    check_output_folder(output_dir, MODEL_FOLDER, overwrite)
+    checkpoint = check_checkpoints(output_dir, recipe.json(), resume, overwrite)
+    parent = checkpoint_dir(output_dir).parent
+    probe = parent / f".{checkpoint_dir(output_dir).name}.write-test"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            probe.write_bytes(b"\0" * 1024 * 1024)  # 1 MiB: a full disk fails here, not after training
+        finally:
+            probe.unlink(missing_ok=True)  # a failed probe must not keep what it managed to write on a full disk
+    except OSError as error:
+        raise OSError(f"cannot write to output directory {str(output_dir)!r}: {error.strerror or error}") from None
+    return checkpoint
+
+
+# --- data and model -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    tokenizer: object
+    train: Conversations
+    batches: LengthGroupedBatches  # one optimizer step's conversations per batch, the same on every process
+    test_batches: list  # collated, the first EVAL_BATCHES of the test split ([] without one)
+    test_label: str  # what the test loss is called: "held-out loss", "test loss", or None without a test split
+    summary: str  # the log line
+
+
+def prepare_data(recipe, pack, context, accelerator):
+    """Load and check the conversations, train the tokenizer on the train split, tokenize both splits."""
+    with accelerator.main_process_first():  # one process builds the default dataset, the others read it
+        data = load_conversations(recipe.dataset, persona=pack, seed=recipe.seed)
+    where = f"dataset {recipe.dataset or pack.name!r}"
+    train_rows = checked_conversations(data["train"], f"{where}, split 'train'", context)
+    tokenizer = build_tokenizer(conversation_texts({"messages": train_rows}), model_max_length=context)
+    train = Conversations(train_rows, tokenizer, context, unk_rate=recipe.unk_rate, seed=recipe.seed)
+    step_batch = recipe.step_batch_size(accelerator.num_processes)
+    batches = LengthGroupedBatches([len(s) for s in train.samples], step_batch, recipe.seed)
+    if len(batches) == 0:
+        raise ValueError(
+            f"the train split has {len(train)} conversations, fewer than one optimizer step takes ({step_batch} = "
+            f"batch size {recipe.batch_size} x {accelerator.num_processes} processes x {recipe.gradient_accumulation_steps} "
+            f"accumulation steps); lower --batch-size"
+        )
+    test_batches, test_label, test_note = [], None, "no test split, so no test loss"
+    if "test" in data:
+        test_rows = checked_conversations(data["test"], f"{where}, split 'test'", context)
+        test_batches, test_label, test_note = prepare_test(test_rows, train_rows, tokenizer, context, recipe.seed)
+    cut = f"{train.cut['message']:,} user turns cut from the left, {train.cut['reply']:,} replies cut at the end"
+    summary = f"data | {where}: {len(train):,} train conversations, {test_note} | vocab {len(tokenizer):,} | {cut} (context {context})"
+    return TrainingData(tokenizer, train, batches, test_batches, test_label, summary)
+
+
+def prepare_test(test_rows, train_rows, tokenizer, context, seed):
+    """(collated test batches, the name of their loss, a note for the log). The loss is "held-out" only when no
+    test reply also appears in train (dataset_builder's test split holds replies out); otherwise "test loss"."""
+    test = Conversations(test_rows, tokenizer, context)
+    order = LengthGroupedBatches([len(s) for s in test.samples], EVAL_BATCH_SIZE, seed, drop_last=False)
+    batches = [collate([test[i] for i in b], tokenizer.pad_token_id) for b in list(order)[:EVAL_BATCHES]]
+    replies = lambda conversation: [m["content"] for m in conversation if m["role"] == "assistant"]
+    seen = {reply for conversation in train_rows for reply in replies(conversation)}
+    overlap = sum(any(reply in seen for reply in replies(conversation)) for conversation in test_rows)
+    if overlap:
+        return batches, "test loss", f"{len(test):,} test ({overlap:,} with a reply also in train)"
+    return batches, "held-out loss", f"{len(test):,} test (no reply in train)"
+
+
+def build_model(recipe, tokenizer, pack, accelerator, compile):
+    """Model, AdamW (no weight decay on biases, norms and other 1-D parameters) and the cosine schedule, prepared."""
+    config = GuppyConfig.from_preset(
+        recipe.preset,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        persona=pack.name,
+        **(recipe.config_overrides or {}),
+    )
+    model = GuppyForCausalLM(config)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": recipe.weight_decay},
+         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=recipe.learning_rate, betas=(0.9, 0.95), fused=accelerator.device.type == "cuda",
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.max_steps)
+    if compile:
+        model = torch.compile(model)
+    return accelerator.prepare(model, optimizer, scheduler)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+
+
+def weighted_lm_loss(logits, labels, loss_weights, normalizer=None):
+    """Next-token cross-entropy summed with per-target weights and divided by `normalizer` (default: the weights'
+    sum, a weighted mean); with all weights 1 it is the model's own loss.
 
     Guppy's first reply word names the topic ("food! ...", "glass? ..."), so greedy decoding commits to a topic
     there, and that one token in ~30 decides whether a reply is on-topic. Weighing it 5x measured +4.6 points
@@ -163,260 +246,223 @@ def weighted_lm_loss(logits, labels, loss_weights):
         logits[:, :-1].reshape(-1, vocab_size).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
     )
     weights = loss_weights[:, 1:].reshape(-1)
-    return (per_token * weights).sum() / weights.sum()
+    return (per_token * weights).sum() / (weights.sum() if normalizer is None else normalizer)
 
 
-# --- the run -----------------------------------------------------------------------------------------
+def train_step(model, optimizer, scheduler, batches, accelerator):
+    """One optimizer step over this process's micro-batches; returns the step's loss over all processes.
 
-
-def default_preset():
-    return "9m" if torch.cuda.is_available() else "cpu"
-
-
-def check_output_dir(output_dir):
-    """Fail before any work if the output folder cannot be written."""
-    path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        try:
-            probe.write_bytes(b"\0" * 1024 * 1024)  # 1 MiB: a full disk fails here, not after training
-        finally:
-            probe.unlink(missing_ok=True)  # a failed probe must not keep what it managed to write on a full disk
-    except OSError as error:
-        raise OSError(f"cannot write to output directory {output_dir!r}: {error.strerror or error}") from None
-
-
-def latest_checkpoint(output_dir):
-    """(step, path) of the newest complete checkpoint, or (0, None). Incomplete ones never carry the final name."""
-    found = [(int(p.name.split("-")[1]), p) for p in Path(output_dir, CHECKPOINTS).glob("step-*") if p.name.split("-")[1].isdigit()]
-    return max(found) if found else (0, None)
-
-
-def save_checkpoint(accelerator, output_dir, step, keep=2):
-    """accelerator.save_state into a temporary folder, then an atomic rename: a crash mid-write leaves the last
-    good checkpoint untouched."""
-    root = Path(output_dir, CHECKPOINTS)
-    final, partial = root / f"step-{step:07d}", root / f".partial-step-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(partial))
-    except Exception as error:  # safetensors and torch.save word a full disk their own ways ("enforce fail ... unexpected pos")
-        free = shutil.disk_usage(root).free
-        raise OSError(f"cannot write checkpoint {partial} ({free:,} bytes free on its disk): {error}") from error
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(partial, final)
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    Each micro-batch's loss is its weighted sum over the weight of the whole step (every process, every micro-batch),
+    so the gradient is that of one weighted mean over the step's conversations: 1 x 32, 2 processes x 16 and 2
+    accumulation steps x 16 give the same gradient, up to float rounding."""
+    total_weight = accelerator.reduce(sum(b["loss_weights"][:, 1:].sum() for b in batches).to(accelerator.device), "sum")
+    normalizer = total_weight / accelerator.num_processes  # DDP averages the processes' gradients
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        last = i == len(batches) - 1  # gradients are exchanged between processes once, after the last micro-batch
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss = weighted_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"], batch["loss_weights"], normalizer)
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    # Once per optimizer step, on every process: the Accelerator is made with step_scheduler_with_optimizer=False,
+    # because its default steps a prepared scheduler once per process per step (N processes: an N-times-too-fast
+    # decay). So the learning rate at step k is the schedule's at k, for 1 or N processes and any accumulation
+    # (also when fp16's loss scaler skips a step: the schedule follows the step count, not the updates).
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_loss, "mean").item()
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataloader, accelerator, max_batches=20):
-    """Mean held-out loss per token over the first `max_batches` batches."""
-    model.eval()
+def evaluate_loss(model, batches, accelerator):
+    """Mean loss per token over the test batches, shared out over the processes."""
+    model = accelerator.unwrap_model(model).eval()  # each process its own share: no DDP exchange in forward
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(dataloader):
-        if i == max_batches:
-            break
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        total += model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float() * tokens
+    for batch in batches[accelerator.process_index :: accelerator.num_processes]:
+        tokens = (batch["labels"][:, 1:] != -100).sum().to(accelerator.device)
+        total += model(input_ids=batch["input_ids"].to(accelerator.device), labels=batch["labels"].to(accelerator.device)).loss.float() * tokens
         count += tokens
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return (total / count.clamp(min=1)).item()
 
 
-def train(
-    output_dir="runs/guppy",
-    preset=None,
-    dataset=None,
-    persona="guppy",
-    max_steps=None,
-    batch_size=None,
-    learning_rate=None,
-    warmup_steps=None,
-    gradient_accumulation_steps=1,
-    weight_decay=0.1,
-    unk_rate=UNK_RATE,
-    reply_start_weight=REPLY_START_WEIGHT,
-    eval_every=250,
-    checkpoint_every=500,
-    seed=42,
-    resume=False,
-    compile=False,
-    mixed_precision=None,
-    run_eval=True,
-    config_overrides=None,
-):
+@dataclass
+class Progress:
+    """The whole run so far, across resumes: saved in every checkpoint, summarized at the end."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0  # in the loop
+    total_seconds: float = 0.0  # wall time since the run began, up to the last checkpoint of a resumed run
+    resumed_at: list = field(default_factory=list)
+    history: dict = field(default_factory=lambda: dict(step=[], learning_rate=[], train_loss=[], eval_step=[], eval_loss=[]))
+
+
+def ema(values, decay=0.9):
+    """Exponential moving average of the train losses: what the progress bar and the summary show."""
+    average = None
+    for value in values:
+        average = value if average is None else decay * average + (1 - decay) * value
+    return average
+
+
+def run_loop(model, optimizer, scheduler, data, recipe, progress, accelerator, output_dir, eval_every, checkpoint_every, run_started):
+    """Train from `progress.step` to `recipe.max_steps`: step, log, evaluate, checkpoint. The epoch's step batches are
+    a function of (seed, epoch), so a resumed run picks up exactly where the interrupted one stopped."""
+    steps_per_epoch, history = len(data.batches), progress.history
+    train_before, tokens_before, loop_start = progress.train_seconds, progress.tokens, time.perf_counter()
+    loss_ema = ema(history["train_loss"])
+    bar = tqdm(total=recipe.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="training", unit="step", mininterval=1.0)
+    while progress.step < recipe.max_steps:
+        epoch, position = divmod(progress.step, steps_per_epoch)
+        data.batches.set_epoch(epoch)
+        data.train.set_epoch(epoch)
+        for step_batch in list(data.batches)[position:]:
+            # 1. one optimizer step: this process's micro-batches of the step's conversations
+            shares = micro_batches(step_batch, accelerator.process_index, accelerator.num_processes, recipe.gradient_accumulation_steps)
+            batches = [collate([data.train[i] for i in share], data.tokenizer.pad_token_id, recipe.reply_start_weight) for share in shares]
+            learning_rate = scheduler.get_last_lr()[0]
+            loss = train_step(model, optimizer, scheduler, batches, accelerator)
+            # 2. the record: every process knows the whole step batch, so the token count needs no exchange
+            progress.step += 1
+            progress.tokens += sum(len(data.train.samples[i]) for i in step_batch)
+            progress.train_seconds = train_before + time.perf_counter() - loop_start
+            loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+            for key, value in (("step", progress.step), ("learning_rate", learning_rate), ("train_loss", loss)):
+                history[key].append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{(progress.tokens - tokens_before) / (time.perf_counter() - loop_start):,.0f}")
+            # 3. the test loss, now and then and at the end
+            if data.test_batches and (progress.step % eval_every == 0 or progress.step == recipe.max_steps):
+                history["eval_step"].append(progress.step)
+                history["eval_loss"].append(evaluate_loss(model, data.test_batches, accelerator))
+                if accelerator.is_main_process:
+                    bar.write(f"step {progress.step}: train loss {loss_ema:.3f}, {data.test_label} {history['eval_loss'][-1]:.3f}")
+            # 4. a checkpoint, atomically, with the whole run's record
+            if progress.step % checkpoint_every == 0 and progress.step < recipe.max_steps:
+                progress.total_seconds = time.perf_counter() - run_started
+                save_checkpoint(accelerator, output_dir, asdict(progress))
+            if progress.step >= recipe.max_steps:
+                break
+    bar.close()
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+
+def train(output_dir="runs/guppy", resume=False, overwrite=False, eval_every=250, checkpoint_every=500,
+          mixed_precision=None, compile=False, run_eval=True, **recipe):
     """Train a model and write a complete `save_pretrained` folder to `output_dir`. Returns the summary dict.
 
-    `config_overrides` changes the preset's architecture (used by bench/ to search for presets).
+    `recipe` takes the fields of `Recipe` (preset, dataset, persona, max_steps, batch_size, learning_rate, ...).
+    Every number is checked, and so are the folders, before any data is built. Checkpoints go beside the model
+    folder, to OUTPUT_DIR.checkpoints (guppylm.checkpoints): `resume` continues from the newest; `overwrite`
+    replaces an earlier run's checkpoints or finished model, which are otherwise refused.
     """
     started = time.perf_counter()
-    preset = preset or default_preset()
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    hp = {**TRAIN_PRESETS[preset]}
-    for key, value in dict(batch_size=batch_size, learning_rate=learning_rate, max_steps=max_steps, warmup_steps=warmup_steps).items():
-        if value is not None:
-            hp[key] = value
-    check_output_dir(output_dir)
-    if mixed_precision is None:
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    recipe = Recipe(**recipe)
+    checked("eval_every", eval_every, 1)
+    checked("checkpoint_every", checkpoint_every, 1)
+    precision, decided_by = choose_precision(mixed_precision)
+    from dataset_builder import load_persona
+
+    pack = load_persona(recipe.persona)  # a bad pack fails now, not after training
+    checkpoint = check_folders(output_dir, recipe, resume, overwrite)
     # cpu=True on a machine without an accelerator is what lets `accelerate launch --multi_gpu --num_processes N`
     # start N gloo-connected CPU processes; without it each process would train alone.
     no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(cpu=no_accelerator, mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
-    set_seed(seed)
+    accelerator = Accelerator(cpu=no_accelerator, mixed_precision=precision, step_scheduler_with_optimizer=False)
+    set_seed(recipe.seed)
     log = accelerator.print
-
-    # 1. data and tokenizer: the vocabulary is every word of the training conversations
-    with accelerator.main_process_first():  # one process builds the default dataset, the others read it
-        data = load_conversations(dataset, persona=persona, seed=seed)
-    tokenizer = build_tokenizer(conversation_texts(data["train"]))
-    config = GuppyConfig.from_preset(
-        preset,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        persona=persona,
-        **(config_overrides or {}),
-    )
-    tokenizer.model_max_length = config.max_position_embeddings
-    train_set = Conversations(data["train"], tokenizer, config.max_position_embeddings, unk_rate=unk_rate, seed=seed)
-    test_split = data["test"] if "test" in data else data["train"].select(range(min(512, len(data["train"]))))
-    test_set = Conversations(test_split, tokenizer, config.max_position_embeddings)
-    batches = LengthGroupedBatches([len(s) for s in train_set.samples], hp["batch_size"], seed)
-    pad, reply_start = tokenizer.pad_token_id, reply_start_id(tokenizer)
-    train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=lambda s: collate(s, pad, reply_start, reply_start_weight))
-    test_loader = DataLoader(
-        test_set, batch_sampler=LengthGroupedBatches([len(s) for s in test_set.samples], 64, seed, drop_last=False),
-        collate_fn=lambda s: collate(s, pad),
-    )
-
-    # 2. model, optimizer (no weight decay on biases, norms and embeddings' 1-D params), schedule
-    model = GuppyForCausalLM(config)
-    n_params = model.num_parameters()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp["learning_rate"], betas=(0.9, 0.95), fused=accelerator.device.type == "cuda",
-    )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, hp["warmup_steps"], hp["max_steps"])
-    if compile:
-        model = torch.compile(model)
-    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, test_loader, scheduler)
-
-    # 3. resume: restore weights, optimizer, schedule and RNG, then skip the batches already seen
-    step = 0
-    if resume:
-        step, checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            log(f"resumed from {checkpoint} at step {step}")
-        else:
-            log("no checkpoint to resume from; starting fresh")
-    elif accelerator.is_main_process:
-        shutil.rmtree(Path(output_dir, CHECKPOINTS), ignore_errors=True)
-
-    steps_per_epoch = len(train_loader) // gradient_accumulation_steps
-    effective_batch = hp["batch_size"] * accelerator.num_processes * gradient_accumulation_steps
     log(
-        f"guppylm train | preset {preset} | {n_params / 1e6:.2f}M parameters | vocab {len(tokenizer)} | "
-        f"processes {accelerator.num_processes} | device {accelerator.device} | precision {mixed_precision} | "
-        f"batch {hp['batch_size']} x {accelerator.num_processes} proc x {gradient_accumulation_steps} accum = {effective_batch} | "
-        f"lr {hp['learning_rate']} | steps {hp['max_steps']} ({hp['max_steps'] / max(steps_per_epoch, 1):.2f} epochs of {len(train_set)})"
+        f"guppylm train | processes {accelerator.num_processes} | device {accelerator.device} | precision "
+        f"{accelerator.mixed_precision} (decided by {decided_by}) | model folder {output_dir}, checkpoints in {checkpoint_dir(output_dir)}"
     )
 
-    # 4. the loop: forward, backward, clip, step; log train loss, tokens/s, periodic held-out loss
-    history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
-    model.train()
-    tokens_seen, loop_start, loss_ema = 0, time.perf_counter(), None
-    progress = tqdm(total=hp["max_steps"], initial=step, disable=not accelerator.is_local_main_process, desc="training", unit="step", mininterval=1.0)
-    epoch = step // max(steps_per_epoch, 1)
-    while step < hp["max_steps"]:
-        skip = (step % max(steps_per_epoch, 1)) * gradient_accumulation_steps  # batches of this epoch already seen
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        # Accelerate re-applies its own epoch counter to the sampler when a loader starts, and a resumed run's
-        # loaders start that counter at 0: set it, and our sampler and dataset directly, to the real epoch.
-        loader.set_epoch(epoch)
-        batches.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = weighted_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"], batch["loss_weights"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens_seen += int((batch["labels"] != -100).sum()) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            loss_value = loss.item()
-            loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
-            history["step"].append(step)
-            history["train_loss"].append(loss_value)
-            elapsed = time.perf_counter() - loop_start
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens_seen / elapsed:,.0f}")
-            if step % eval_every == 0 or step == hp["max_steps"]:
-                history["eval_step"].append(step)
-                history["eval_loss"].append(evaluate_loss(model, test_loader, accelerator))
-                if accelerator.is_main_process:
-                    progress.write(f"step {step}: train loss {loss_ema:.3f}, held-out loss {history['eval_loss'][-1]:.3f}")
-            if step % checkpoint_every == 0 and step < hp["max_steps"]:
-                save_checkpoint(accelerator, output_dir, step)
-            if step >= hp["max_steps"]:
-                break
-        epoch += 1
-    progress.close()
-    train_seconds = time.perf_counter() - loop_start
-
-    # 5. the output folder: weights, config, code, tokenizer, generation defaults, card, loss curve
-    summary = dict(
-        preset=preset,
-        persona=persona,
-        parameters=n_params,
-        steps=step,
-        tokens=tokens_seen,
-        train_seconds=round(train_seconds, 1),
-        tokens_per_second=round(tokens_seen / max(train_seconds, 1e-9)),
-        first_train_loss=round(history["train_loss"][0], 4) if history["train_loss"] else None,
-        final_train_loss=round(loss_ema, 4) if loss_ema is not None else None,
-        final_eval_loss=round(history["eval_loss"][-1], 4) if history["eval_loss"] else None,
-        processes=accelerator.num_processes,
-        device=str(accelerator.device),
-        precision=mixed_precision,
-        effective_batch_size=effective_batch,
-        learning_rate=hp["learning_rate"],
-        warmup_steps=hp["warmup_steps"],
-        weight_decay=weight_decay,
-        unk_rate=unk_rate,
-        reply_start_weight=reply_start_weight,
-        seed=seed,
-        dataset=str(dataset) if dataset else f"built in: dataset_builder persona {persona!r}",
-        dataset_is_hub_repo=dataset is not None and not Path(dataset).exists(),
-        train_samples=len(train_set),
+    context = GuppyConfig.from_preset(recipe.preset, **(recipe.config_overrides or {})).max_position_embeddings
+    data = prepare_data(recipe, pack, context, accelerator)
+    log(data.summary)
+    model, optimizer, scheduler = build_model(recipe, data.tokenizer, pack, accelerator, compile)
+    step_batch = recipe.step_batch_size(accelerator.num_processes)
+    log(
+        f"model | preset {recipe.preset} | {accelerator.unwrap_model(model).num_parameters() / 1e6:.2f}M parameters | "
+        f"batch {recipe.batch_size} x {accelerator.num_processes} proc x {recipe.gradient_accumulation_steps} accum = {step_batch} | "
+        f"lr {recipe.learning_rate} | steps {recipe.max_steps} ({recipe.max_steps / len(data.batches):.2f} epochs of {len(data.batches)} steps)"
     )
+
+    progress = Progress()
+    if checkpoint is not None:
+        progress = Progress(**load_checkpoint(accelerator, checkpoint))
+        progress.resumed_at.append(progress.step)
+        log(f"resumed from {checkpoint} at step {progress.step}")
+    elif resume:
+        log("no checkpoint to resume from; starting fresh")
+    if checkpoint is None and accelerator.is_main_process:
+        start_checkpoints(output_dir, recipe.json())
+    accelerator.wait_for_everyone()
+    run_started = started - progress.total_seconds  # the whole run's clock: earlier segments count
+    run_loop(model, optimizer, scheduler, data, recipe, progress, accelerator, output_dir, eval_every, checkpoint_every, run_started)
+
+    summary = summarize(recipe, pack, data, progress, accelerator, scheduler, model, decided_by)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model_folder(accelerator.unwrap_model(model), tokenizer, output_dir, summary, history, started, run_eval)
+        save_model_folder(accelerator.unwrap_model(model), data.tokenizer, pack, summary, output_dir, overwrite, run_eval, run_started)
+        remove_checkpoints(output_dir)  # the model is complete: its checkpoints have served
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def save_model_folder(model, tokenizer, output_dir, summary, history, started, run_eval):
-    """Write everything `from_pretrained` and the Hub need, then evaluate and write the card."""
+# --- the summary and the model folder -----------------------------------------------------------------------------
+
+
+def summarize(recipe, pack, data, progress, accelerator, scheduler, model, decided_by):
+    """The whole run in numbers (resumed segments included): training_summary.json and the model card."""
+    history = progress.history
+    return dict(
+        recipe.json(),  # preset, batch_size, learning_rate, warmup_steps, weight_decay, unk_rate, seed, ...
+        persona=pack.name,
+        persona_display_name=pack.display_name,
+        persona_description=pack.description,
+        dataset=recipe.dataset or f"built in: dataset_builder persona {pack.name!r}",
+        dataset_is_hub_repo=recipe.dataset is not None and not Path(recipe.dataset).exists(),
+        train_samples=len(data.train),
+        cut_user_turns=data.train.cut["message"],
+        cut_replies=data.train.cut["reply"],
+        parameters=accelerator.unwrap_model(model).num_parameters(),
+        processes=accelerator.num_processes,
+        effective_batch_size=recipe.step_batch_size(accelerator.num_processes),
+        device=str(accelerator.device),
+        precision=accelerator.mixed_precision,
+        precision_decided_by=decided_by,
+        steps=progress.step,
+        tokens=progress.tokens,
+        train_seconds=round(progress.train_seconds, 1),
+        tokens_per_second=round(progress.tokens / max(progress.train_seconds, 1e-9)),
+        resumed_at_steps=progress.resumed_at,
+        first_train_loss=round(history["train_loss"][0], 4) if history["train_loss"] else None,
+        final_train_loss=round(ema(history["train_loss"]), 4) if history["train_loss"] else None,
+        final_eval_loss=round(history["eval_loss"][-1], 4) if history["eval_loss"] else None,
+        eval_loss_name=data.test_label,
+        final_learning_rate=scheduler.get_last_lr()[0],
+        history=history,
+    )
+
+
+def is_shipped(pack):
+    from dataset_builder.persona import PERSONA_DIR
+
+    return pack.source == (PERSONA_DIR / f"{pack.name}.yaml").resolve()
+
+
+def save_model_folder(model, tokenizer, pack, summary, output_dir, overwrite, run_eval, run_started):
+    """Write everything `from_pretrained` and the Hub need into a staging folder that becomes `output_dir` at the
+    end (folders.writing_folder): weights, config, code, tokenizer, generation defaults, the persona pack when it
+    is not a shipped one, loss curve, evaluation, summary and card."""
     from guppylm.card import write_loss_curve, write_model_card
 
     model = getattr(model, "_orig_mod", model).float()  # undo torch.compile's wrapper; save fp32
@@ -431,24 +477,25 @@ def save_model_folder(model, tokenizer, output_dir, summary, history, started, r
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    model.save_pretrained(output_dir)
-    save_tokenizer(tokenizer, output_dir)
-    write_loss_curve(history, Path(output_dir) / "loss_curve.png")
-    results = None
-    if run_eval:
-        from guppylm.evaluate import evaluate_model
+    with writing_folder(output_dir, MODEL_FOLDER, overwrite) as folder:
+        model.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
+        if not is_shipped(pack):  # config.json names the pack; eval and the Space find it here, from any directory
+            shutil.copyfile(pack.source, folder / "persona.yaml")
+        write_loss_curve(summary["history"], folder / "loss_curve.png", summary["eval_loss_name"])
+        if run_eval:
+            from guppylm.evaluate import evaluate_model
 
-        results = evaluate_model(model.eval(), tokenizer, persona=summary["persona"])
-        summary["eval"] = results["scores"]
-    summary["total_seconds"] = round(time.perf_counter() - started, 1)
-    Path(output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
-    write_model_card(output_dir, summary)
+            summary["eval"] = evaluate_model(model.eval(), tokenizer, persona=pack)["scores"]
+        summary["total_seconds"] = round(time.perf_counter() - run_started, 1)
+        (folder / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(folder, summary, repo_id=str(output_dir))
+    eval_note = f" | on-topic {summary['eval']['on_topic']:.0%}" if run_eval else ""
     print(
         f"done | {summary['steps']} steps | {summary['tokens']:,} tokens | {summary['train_seconds']} s training, "
-        f"{summary['total_seconds']} s total | {summary['tokens_per_second']:,} tokens/s | "
-        f"train loss {summary['final_train_loss']} | held-out loss {summary['final_eval_loss']}"
-        + (f" | on-topic {results['scores']['on_topic']:.0%}" if results else "")
-        + f" | saved to {output_dir}"
+        f"{summary['total_seconds']} s total | {summary['tokens_per_second']:,} tokens/s | train loss {summary['final_train_loss']}"
+        + (f" | {summary['eval_loss_name']} {summary['final_eval_loss']}" if summary["eval_loss_name"] else "")
+        + f"{eval_note} | saved to {output_dir}"
     )
 
 

@@ -88,6 +88,14 @@ def make_parrot_model(path):
 
 
 @pytest.fixture(scope="session")
+def parrot_model_dir(tmp_path_factory):
+    """A saved parrot model (make_parrot_model): greedy replies of varied lengths that end in EOS. Read-only."""
+    path = tmp_path_factory.mktemp("parrot")
+    make_parrot_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved random tiny GuppyLM folder (config with auto_map, safetensors, code, tokenizer, generation config)."""
     path = tmp_path_factory.mktemp("tiny-model")
@@ -199,9 +207,9 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def chromium():
-    """Debian's headless Chromium under Playwright. Missing: skipped on a laptop, a failure in CI."""
+    """Debian's headless Chromium under Playwright, one per test module. Missing: skipped on a laptop, a failure in CI."""
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail(f"CI needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
@@ -215,3 +223,27 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+
+
+class WatchedPage:
+    """A page in a fresh browser context that records every URL it requests and every console error."""
+
+    def __init__(self, browser, viewport, color_scheme, **context):
+        self.page = browser.new_context(viewport=viewport, color_scheme=color_scheme, **context).new_page()
+        self.requests, self.errors = [], []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+
+    def assert_fits_and_stays_local(self):
+        """No sideways scrolling, every request to 127.0.0.1, no console errors."""
+        from urllib.parse import urlsplit
+
+        assert self.page.evaluate("document.documentElement.scrollWidth") <= self.page.viewport_size["width"]
+        schemes = ("http", "https", "ws", "wss")
+        outside = {urlsplit(url).hostname for url in self.requests if urlsplit(url).scheme in schemes}
+        assert outside == {"127.0.0.1"}, f"requests left loopback: {outside}"
+        assert not self.errors, self.errors

@@ -235,7 +235,8 @@ def _make_handler(server):
             repo_id = f"{payload.get('organization') or server.user}/{payload['name']}"
             if repo_type == "space" and payload.get("sdk") not in SPACE_SDKS:
                 raise HubError(400, f"invalid Space sdk: {payload.get('sdk')!r}")
-            repo = server.create_repo(repo_type, repo_id, payload.get("visibility") == "private", payload.get("sdk"))
+            private = payload.get("visibility") == "private" or payload.get("private") is True  # huggingface_hub 2 / 1.x
+            repo = server.create_repo(repo_type, repo_id, private, payload.get("sdk"))
             url = server.url(server.repos[(repo_type, repo_id)])
             if repo is None:
                 return self._send(409, {"error": "You already created this repo", "url": url})

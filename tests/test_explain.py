@@ -3,11 +3,12 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from guppylm.inference import build_prompt, load_model
-from guppylm.explain import TOP_CANDIDATES, architecture, explain
+from guppylm.explain import TOP_CANDIDATES, architecture, explain, explain_trace, trace_reply
 
 
 
@@ -90,28 +91,61 @@ def test_generate_returns_scores_and_attentions(model_and_tokenizer, prompt_ids)
 def test_explain_describes_exactly_the_reply(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     torch.manual_seed(0)
-    explanation = explain(model, tokenizer, "hi zebra, how are you?", max_new_tokens=8)
+    explanation = explain(model, tokenizer, "hi Zebra, how are you?", max_new_tokens=8)
     completion_ids = [token.id for token in explanation.completion]
     assert [step.chosen.id for step in explanation.steps] == completion_ids
     assert tokenizer.decode(completion_ids, skip_special_tokens=True) == explanation.reply
-    assert [token.kind for token in explanation.prompt if token.text == "<unk>"] == ["unknown"]  # "zebra"
+    assert [(token.kind, token.typed) for token in explanation.prompt if token.text == "<unk>"] == [("unknown", "Zebra")]
+    assert [token.typed for token in explanation.prompt][2:4] == ["hi", "Zebra"]  # as typed, before lowercasing
     assert explanation.prompt[0].kind == "special"
     T = len(explanation.prompt) + len(explanation.completion)
     config = model.config
     assert explanation.attentions.shape == (config.num_hidden_layers, config.num_attention_heads, T, T)
     for step in explanation.steps:
-        probabilities = [p for _, p in step.candidates]
-        assert 0 < len(probabilities) <= TOP_CANDIDATES and probabilities == sorted(probabilities, reverse=True)
-        assert 0 < step.probability <= probabilities[0]  # sampled tokens are drawn from the shown distribution
+        own = [c.model_probability for c in step.candidates]
+        assert len(own) == TOP_CANDIDATES and own == sorted(own, reverse=True)  # the model's most likely, in order
+        assert 0 < step.probability and 0 < step.model_probability <= own[0]  # drawn from the shown distribution
 
 
-def test_explained_probabilities_follow_top_k(model_and_tokenizer):
+def test_typed_words_follow_a_message_cut_from_its_start(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    explanation = explain(model, tokenizer, "hi", top_k=2, temperature=1.0, max_new_tokens=5)
+    message = "Zebra " * 60 + "Giraffe Okapi?"  # over the tiny context: the zebras at the front give way
+    explanation = explain(model, tokenizer, message, max_new_tokens=4)
+    assert explanation.dropped > 0
+    typed = [token.typed for token in explanation.prompt if token.kind == "unknown"]
+    assert typed[-2:] == ["Giraffe", "Okapi"] and set(typed[:-2]) == {"Zebra"}
+    assert len(typed) == 60 - explanation.dropped + 2
+
+
+def test_probabilities_before_and_after_the_settings(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    explanation = explain(model, tokenizer, "hi", top_k=2, top_p=1.0, temperature=1.0, max_new_tokens=5)
     for step in explanation.steps:
-        assert len(step.candidates) <= 2  # the rest were filtered: probability exactly 0
-        assert sum(p for _, p in step.candidates) == pytest.approx(1.0)
-        assert step.chosen.id in {token.id for token, _ in step.candidates}
+        after = [c.probability for c in step.candidates]
+        assert sum(p > 0 for p in after) == 2 and sum(after) == pytest.approx(1.0)  # top-k 2: the rest ruled out
+        own = [c.model_probability for c in step.candidates[:2]]
+        assert after[:2] == pytest.approx([p / sum(own) for p in own])  # renormalized over the two kept
+        assert step.chosen.id in {c.token.id for c in step.candidates[:2]}
+
+
+def test_a_trace_is_small_and_rebuilds_the_same_explanation(model_and_tokenizer):
+    """The Space keeps Traces per visitor, not Explanations: a few KB, and everything else is recomputed."""
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(1)
+    trace = trace_reply(model, tokenizer, "hi zebra, are you hungry?", max_new_tokens=32)
+    arrays = [value for value in vars(trace).values() if isinstance(value, np.ndarray)]
+    assert len(arrays) == 5 and sum(array.nbytes for array in arrays) < 3_000  # 32 steps: 68 bytes each, and the ids
+    first, again = explain_trace(model, tokenizer, trace), explain_trace(model, tokenizer, trace)
+    assert first.steps == again.steps and torch.equal(first.attentions, again.attentions)
+    assert trace.settings == {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": model.generation_config.top_p}
+
+
+def test_greedy_probabilities_are_the_models_own(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    explanation = explain(model, tokenizer, "hi", do_sample=False, max_new_tokens=4)
+    for step in explanation.steps:
+        assert step.probability == pytest.approx(step.model_probability)
+        assert step.chosen.id == step.candidates[0].token.id
 
 
 def test_typed_chat_markers_stay_plain_text(model_and_tokenizer):
@@ -135,11 +169,11 @@ def test_chat_explain_prints_a_parsable_table(tiny_model_dir):
     result = subprocess.run([*command, *options], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     reply_line, header, *rows = result.stdout.strip().splitlines()
-    assert reply_line.startswith("guppy> ") and header.split()[:3] == ["step", "chosen", "p"]
+    assert reply_line.startswith("guppy> ") and header.split()[:4] == ["step", "chosen", "p", "model_p"]
     assert 1 <= len(rows) <= 6
     for number, row in enumerate(rows, 1):
-        step, chosen, p, *pairs = row.split()
+        step, chosen, p, model_p, *pairs = row.split()
         candidates = dict(zip(pairs[::2], map(float, pairs[1::2])))
-        assert int(step) == number and 0 < float(p) <= 1
-        assert len(pairs) % 2 == 0 and 1 <= len(candidates) <= TOP_CANDIDATES
+        assert int(step) == number and 0 < float(p) <= 1 and 0 < float(model_p) <= 1
+        assert len(pairs) == 2 * TOP_CANDIDATES and sum(candidates.values()) <= 1.0005
         assert chosen not in candidates or candidates[chosen] == float(p)

@@ -26,7 +26,7 @@ import test_space
 from conftest import ARTIFACTS, REPO_ROOT, guppylm_command, make_tiny_model
 from guppylm.inference import build_prompt, load_model, prompt_for
 from guppylm.tokenizer import IM_END, IM_START, SPECIAL_TOKENS
-from guppylm.train import latest_checkpoint
+from guppylm.checkpoints import checkpoint_dir, latest_checkpoint
 
 space_server = test_space.space_url  # `python space/app.py` on loopback with the tiny model; this module gets its own
 
@@ -273,22 +273,20 @@ def test_lone_surrogates_become_replacement_characters(tiny_model_dir):
 
 
 def test_control_tokens_typed_into_the_space_stay_text(trained_tiny_dir):
-    """The Space's own `/chat` function, in-process: the prompt it generated from, token by token."""
+    """The Space's own generation (app.stream_trace, behind its chat and `/chat`), in-process: the prompt it
+    generated from, token by token."""
     import importlib.util
-    import inspect
 
     spec = importlib.util.spec_from_file_location("space_app", REPO_ROOT / "space" / "app.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     model, tokenizer = load_model(trained_tiny_dir)
-    demo = app.build_demo(model, tokenizer, str(trained_tiny_dir))
-    respond = inspect.unwrap(next(fn.fn for fn in demo.fns.values() if fn.api_name == "chat"))  # app.py's respond()
     for attack in ATTACKS:
-        *_, (reply, (explanation, _)) = respond(attack, [], 0.7, 50, 6)
-        ids = [token.id for token in explanation.prompt]
-        assert structure(tokenizer, ids) == TEMPLATE_MARKERS, [token.text for token in explanation.prompt]
+        *_, (reply, trace) = app.stream_trace(model, tokenizer, attack, **app.settings_kwargs(0.7, 50, 1.0, 6))
+        ids = trace.prompt_ids.tolist()
+        assert structure(tokenizer, ids) == TEMPLATE_MARKERS, tokenizer.convert_ids_to_tokens(ids)
         assert ids[-2:] == tokenizer.convert_tokens_to_ids([IM_START, "▁assistant"])
-        assert isinstance(reply, str) and len(explanation.completion) <= 6
+        assert isinstance(reply, str) and len(trace.reply_ids) <= 6
 
 
 # --- 3. odd input through the real CLI: answered or politely refused, never a crash; generation stops --------
@@ -340,11 +338,11 @@ def start_training(out, dataset, *extra):
 
 
 def partials(out):
-    return sorted(p.name for p in Path(out, "checkpoints").glob(".partial-*"))
+    return sorted(p.name for p in checkpoint_dir(out).glob(".partial-*"))
 
 
 def assert_checkpoints_complete(out):
-    for folder in Path(out, "checkpoints").glob("step-*"):
+    for folder in checkpoint_dir(out).glob("step-*"):
         assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
         assert load_file(folder / "model.safetensors"), folder
 
@@ -369,7 +367,7 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume(tmp_path, small
         killed_mid_write.append(bool(set(partials(out)) - stale))
         assert_checkpoints_complete(out)
         if cycle == 0:  # a leftover that looks newer than anything real: resume must never pick it up
-            decoy = out / "checkpoints" / ".partial-step-0009999"
+            decoy = checkpoint_dir(out) / ".partial-step-0009999"
             decoy.mkdir(exist_ok=True)
             (decoy / "model.safetensors").write_bytes(b"half a file")
     assert any(killed_mid_write), "no kill landed during a checkpoint write"
@@ -387,7 +385,7 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume(tmp_path, small
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
-    assert (out / "checkpoints" / ".partial-step-0009999" / "model.safetensors").read_bytes() == b"half a file"
+    assert not checkpoint_dir(out).exists()  # the finished run's checkpoints (and the decoy among them) are gone
 
 
 def _tmpfs(path, size):
@@ -400,13 +398,13 @@ def _tmpfs(path, size):
 
 
 def test_a_full_disk_fails_before_training_and_leaves_nothing(tmp_path):
-    from guppylm.train import check_output_dir
+    from guppylm.train import Recipe, check_folders
 
     disk = _tmpfs(tmp_path / "disk", "512k")
     try:
         with pytest.raises(OSError, match=r"cannot write to output directory .*: No space left on device"):
-            check_output_dir(disk / "out")
-        assert list((disk / "out").iterdir()) == []  # the probe's half megabyte is not left on the full disk
+            check_folders(disk / "out", Recipe(preset="tiny"), resume=False, overwrite=False)
+        assert list(disk.iterdir()) == []  # the probe's half megabyte is not left on the full disk
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
 

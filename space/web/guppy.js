@@ -1,9 +1,9 @@
 // Guppy in the browser: Python's generate() loop with the KV cache, on ONNX Runtime Web.
 //
-// Everything loads from the page's own server: the folder `guppylm export onnx` wrote (model/) and the
-// runtime guppylm/web.py copied out of node_modules (vendor/). Tokenizing and the chat template use the
-// libraries transformers.js 4 is built on, reading the same tokenizer.json and tokenizer_config.json as
-// Python, so a message becomes the same token ids here as in `guppylm chat`.
+// Everything loads from the page's own server: the folder `guppylm export onnx` wrote (model/), with the
+// page.json guppylm/web.py adds to it, and the runtime copied out of node_modules (vendor/). Tokenizing and
+// the chat template use the libraries transformers.js 4 is built on, reading the same tokenizer.json and
+// tokenizer_config.json as Python, so a message becomes the same token ids here as in `guppylm chat`.
 
 import * as ort from "./vendor/ort.wasm.min.mjs";
 import { Template } from "./vendor/jinja.mjs";
@@ -15,6 +15,9 @@ ort.env.wasm.numThreads = 1;
 ort.env.wasm.wasmPaths = new URL("./vendor/", import.meta.url).href;
 
 const MODEL_URL = new URL("./model/", import.meta.url);
+const WASM_URL = new URL("./vendor/ort-wasm-simd-threaded.wasm", import.meta.url);
+const TOP_CANDIDATES = 5; // the model's most likely tokens kept per step, as in guppylm/explain.py
+const PROMPT_HEAD = 2; // <|im_start|> user: guppylm.inference.PROMPT_HEAD
 
 async function fetchJSON(name) {
   const response = await fetch(new URL(name, MODEL_URL));
@@ -22,48 +25,91 @@ async function fetchJSON(name) {
   return response.json();
 }
 
-const int64 = (values, dims) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), dims);
-
-function argmax(logits) {
-  let best = 0;
-  for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i; // first of equals, like torch
-  return best;
+/** The bytes at `url`, reporting each chunk's size to `onBytes` as it arrives. */
+async function download(url, onBytes) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url.pathname}: HTTP ${response.status}`);
+  const reader = response.body.getReader();
+  const chunks = [];
+  for (let part = await reader.read(); !part.done; part = await reader.read()) {
+    chunks.push(part.value);
+    onBytes(part.value.length);
+  }
+  const bytes = new Uint8Array(chunks.reduce((total, chunk) => total + chunk.length, 0));
+  chunks.reduce((offset, chunk) => (bytes.set(chunk, offset), offset + chunk.length), 0);
+  return bytes;
 }
 
-// transformers' sampling order: temperature, then top-k, then top-p (the smallest set of most likely
-// tokens whose probability reaches top_p), then a draw from what is left.
-function sample(logits, temperature, topK, topP) {
-  let order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
-  if (topK > 0) order = order.slice(0, topK);
-  let weights = order.map((i) => Math.exp((logits[i] - logits[order[0]]) / temperature)); // unnormalized softmax
-  let total = weights.reduce((a, b) => a + b);
+const int64 = (values, dims) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), dims);
+
+/** softmax(logits / temperature) as a Float64Array. */
+function softmax(logits, temperature = 1) {
+  let max = -Infinity;
+  for (const x of logits) max = Math.max(max, x);
+  const out = Float64Array.from(logits, (x) => Math.exp((x - max) / temperature));
+  const total = out.reduce((a, b) => a + b);
+  return out.map((x) => x / total);
+}
+
+/** The ids of the `k` most likely tokens, most likely first; equal ones in id order, as torch's topk.
+ * A native numeric sort finds the k-th largest value, so only those k ids are sorted with a comparator. */
+function top(probabilities, k) {
+  k = Math.min(k, probabilities.length);
+  const threshold = Float64Array.from(probabilities).sort()[probabilities.length - k];
+  const ids = [];
+  for (let i = 0; i < probabilities.length; i++) if (probabilities[i] >= threshold) ids.push(i);
+  return ids.sort((a, b) => probabilities[b] - probabilities[a] || a - b).slice(0, k);
+}
+
+/** The distribution a token is drawn from under the settings, in transformers' order: temperature, then top-k,
+ * then top-p (the smallest set of most likely tokens whose probability reaches top_p). Greedy: the model's own. */
+function settled(logits, { greedy, temperature, topK, topP }) {
+  if (greedy) return softmax(logits);
+  const probabilities = softmax(logits, temperature);
+  let kept = top(probabilities, topK);
+  let total = kept.reduce((sum, i) => sum + probabilities[i], 0); // top-p reads the chances renormalized over top-k
   if (topP < 1) {
-    let kept = 0, mass = 0;
-    while (kept < order.length && mass < topP * total) mass += weights[kept++];
-    [order, weights, total] = [order.slice(0, kept), weights.slice(0, kept), mass];
+    let mass = 0, inside = 0;
+    while (inside < kept.length && mass < topP * total) mass += probabilities[kept[inside++]];
+    [kept, total] = [kept.slice(0, inside), mass];
   }
-  let r = Math.random() * total;
-  for (let i = 0; i < order.length; i++) if ((r -= weights[i]) <= 0) return order[i];
-  return order[order.length - 1];
+  const out = new Float64Array(probabilities.length);
+  for (const i of kept) out[i] = probabilities[i] / total;
+  return out;
+}
+
+function draw(probabilities) {
+  let r = Math.random();
+  for (let i = 0; i < probabilities.length; i++) if (probabilities[i] > 0 && (r -= probabilities[i]) <= 0) return i;
+  return top(probabilities, 1)[0];
 }
 
 export class Guppy {
-  /** Configs, tokenizer and export report from model/; then `useModel(file)` loads a graph. */
+  /** Configs, tokenizer, export report and page.json from model/; then `useModel(file)` loads a graph. */
   static async load() {
-    const files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "export_report.json"];
-    const [config, generation, tokenizerJSON, tokenizerConfig, report] = await Promise.all(files.map(fetchJSON));
-    return new Guppy(config, generation, new Tokenizer(tokenizerJSON, tokenizerConfig), tokenizerConfig, report);
+    const files = ["page.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "export_report.json"];
+    const [page, generation, tokenizerJSON, tokenizerConfig, report] = await Promise.all(files.map(fetchJSON));
+    return new Guppy(page, generation, new Tokenizer(tokenizerJSON, tokenizerConfig), tokenizerConfig, report);
   }
 
-  constructor(config, generation, tokenizer, tokenizerConfig, report) {
-    Object.assign(this, { config, generation, tokenizer, report });
+  constructor(page, generation, tokenizer, tokenizerConfig, report) {
+    Object.assign(this, { page, generation, tokenizer, report });
     this.template = new Template(tokenizerConfig.chat_template); // the one chat format, defined in guppylm/tokenizer.py
-    this.eos = new Set([generation.eos_token_id ?? config.eos_token_id].flat());
+    this.eos = new Set([generation.eos_token_id].flat());
+    this.unk = tokenizer.token_to_id(tokenizerConfig.unk_token);
     this.session = null;
   }
 
-  async useModel(file) {
-    this.session = await ort.InferenceSession.create(new URL(file, MODEL_URL).href, { executionProviders: ["wasm"] });
+  /** Bytes `useModel(file)` downloads (the wasm runtime only the first time). */
+  downloadSize(file) {
+    return this.report.files[file].bytes + (ort.env.wasm.wasmBinary ? 0 : this.page.wasm_bytes);
+  }
+
+  /** Download the runtime (once) and graph `file`, calling `onBytes(n)` as bytes arrive; then start a session. */
+  async useModel(file, onBytes = () => {}) {
+    if (!ort.env.wasm.wasmBinary) ort.env.wasm.wasmBinary = await download(WASM_URL, onBytes);
+    const graph = await download(new URL(file, MODEL_URL), onBytes);
+    this.session = await ort.InferenceSession.create(graph, { executionProviders: ["wasm"] });
     this.file = file;
   }
 
@@ -71,17 +117,30 @@ export class Guppy {
    * The reply keeps room for maxNewTokens but never more than half the context; a longer message gives way
    * from its start; then the reply gets what the context has left, up to maxNewTokens. */
   prompt(message, maxNewTokens) {
-    const context = this.config.max_position_embeddings;
+    const context = this.page.context;
     const text = this.template.render({ messages: [{ role: "user", content: message }], add_generation_prompt: true });
     const all = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
     const dropped = Math.max(all.length - (context - Math.min(maxNewTokens, Math.floor(context / 2))), 0);
-    const head = 2; // <|im_start|> user: kept; the start of the message goes
-    const ids = [...all.slice(0, head), ...all.slice(head + dropped)];
+    const ids = [...all.slice(0, PROMPT_HEAD), ...all.slice(PROMPT_HEAD + dropped)];
     return { ids, dropped, maxNewTokens: Math.min(maxNewTokens, context - ids.length) };
   }
 
   decode(ids) {
     return this.tokenizer.decode(ids, { skip_special_tokens: true });
+  }
+
+  /** The prompt's tokens for "Inside Guppy": [text, id, kind, typed], typed being the word an unknown token
+   * stands for. This word-level tokenizer makes one token of each piece its pre-tokenizer splits the
+   * normalized message into, so the message's pieces line up with its tokens after the prompt's head. */
+  tokens(message, prompt) {
+    const { normalizer, pre_tokenizer } = this.tokenizer;
+    const pieces = pre_tokenizer.pre_tokenize(normalizer ? normalizer.normalize(message) : message).slice(prompt.dropped);
+    return prompt.ids.map((id, i) => {
+      const text = this.tokenizer.decode([id]).trim() || this.tokenizer.id_to_token(id);
+      const kind = id === this.unk ? "unknown" : this.tokenizer.id_to_token(id).startsWith("<|") ? "special" : "word";
+      const typed = kind === "unknown" ? (pieces[i - PROMPT_HEAD] ?? "").replace(/^\u2581/, "") : "";
+      return { text, id, kind, typed };
+    });
   }
 
   /** One forward pass over `ids` after the cached `past`: the last position's logits and the grown cache. */
@@ -103,24 +162,29 @@ export class Guppy {
 
   /** The empty cache of the first step: (1, heads, 0, head_dim) per layer for keys and values. */
   emptyCache() {
-    const { num_attention_heads: heads, hidden_size: hidden } = this.config;
+    const { heads, head_dim: headDim } = this.page;
     const past = {};
     for (const name of this.session.inputNames.filter((n) => n.startsWith("past_key_values."))) {
-      past[name] = new ort.Tensor("float32", new Float32Array(0), [1, heads, 0, hidden / heads]);
+      past[name] = new ort.Tensor("float32", new Float32Array(0), [1, heads, 0, headDim]);
     }
     return past;
   }
 
-  /** Reply token ids as they come (EOS included): greedy at temperature 0, sampled otherwise. */
-  async *generate(message, { temperature, topK, topP, maxNewTokens }) {
-    const prompt = this.prompt(message, maxNewTokens);
+  /** Reply steps as they come (EOS included): {id, probability, modelProbability, candidates}, where the
+   * probabilities are the drawn token's after the settings and the model's own, and candidates are the
+   * model's most likely tokens as [id, probability after the settings, model's own]. `signal` stops it. */
+  async *generate(prompt, settings, signal) {
     let [ids, past] = [prompt.ids, this.emptyCache()];
-    for (let n = 0; n < prompt.maxNewTokens; n++) {
+    for (let n = 0; n < prompt.maxNewTokens && !signal?.aborted; n++) {
       const [logits, present] = await this.step(ids, past);
-      const token = temperature > 0 ? sample(logits, temperature, topK, topP) : argmax(logits);
-      yield token;
-      if (this.eos.has(token)) return;
-      [ids, past] = [[token], present];
+      const own = softmax(logits);
+      const likeliest = top(own, TOP_CANDIDATES);
+      const drawnFrom = settled(logits, settings);
+      const id = settings.greedy ? likeliest[0] : draw(drawnFrom);
+      const candidates = likeliest.map((i) => [i, drawnFrom[i], own[i]]);
+      yield { id, probability: drawnFrom[id], modelProbability: own[id], candidates };
+      if (this.eos.has(id)) return;
+      [ids, past] = [[id], present];
     }
   }
 }

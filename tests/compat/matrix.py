@@ -1,13 +1,16 @@
 """`make compat`: a saved Guppy folder under every transformers version it supports, each in a clean environment.
 
-    python tests/compat/matrix.py              # 4.57.6, 5.0.0, the version `make setup` installed, and 5.25.0
+    python tests/compat/matrix.py              # guppylm.card.TESTED_TRANSFORMERS and the version `make setup` installed
     python tests/compat/matrix.py 5.10.4       # any versions, named
 
 1. In this environment (guppylm installed): save a small trained model and record its greedy replies and logits.
 2. Per version: a virtual environment with torch, that transformers and pytest, and nothing of guppylm, made once
    with uv and kept under ~/.cache/guppylm/compat (uv's cache shares the torch files between them).
-3. There, tests/compat/test_saved_folder.py loads the folder through the Auto classes with the folder's own code and
-   checks replies, logits, the cache, padding, pipeline, attentions and gradient checkpointing against step 1.
+3. There, the TESTS modules run: test_saved_folder.py loads the folder through the Auto classes with the folder's own
+   code and checks replies, logits, the cache, padding, pipeline, attentions and gradient checkpointing against step 1;
+   test_gpt2_twin.py loads its GPT-2 twin with no remote code at all.
+
+`venv()` is the one way this directory makes an environment; tests/compat/lowest.py uses it too.
 """
 
 import json
@@ -24,16 +27,15 @@ import transformers
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "guppylm", "compat")
+UV = [sys.executable, "-m", "uv"]
+TESTS = [HERE / "test_saved_folder.py", HERE / "test_gpt2_twin.py"]  # run, in one pytest, under each version against the folder of step 1
 PROMPTS = ["hi", "is the water warm?", "what is food?", "who feeds you?"]
 MAX_NEW_TOKENS = 24
 
-# version -> how it installs. 5.25.0 declares kernels>=0.19.1, which PyPI does not serve yet: it goes in on the
-# dependencies of 5.24.0, and then `from_pretrained` of any model (stock GPT-2 too) needs USE_HUB_KERNELS=0.
-VERSIONS = {
-    "4.57.6": {},  # the last 4.x
-    "5.0.0": {},  # the first 5.x
-    "5.25.0": {"dependencies_of": "5.24.0", "env": {"USE_HUB_KERNELS": "0"}},  # the newest release
-}
+# Versions that do not install as plain `transformers==V`. 5.25.0 declares kernels>=0.19.1, which PyPI does not
+# serve yet: it goes in on the dependencies of 5.24.0, and then `from_pretrained` of any model (stock GPT-2 too)
+# needs USE_HUB_KERNELS=0.
+SPECIAL = {"5.25.0": {"dependencies_of": "5.24.0", "env": {"USE_HUB_KERNELS": "0"}}}
 
 
 def build_reference(folder):
@@ -42,6 +44,9 @@ def build_reference(folder):
     from conftest import make_parrot_model
 
     model, tokenizer = make_parrot_model(folder / "model")
+    from guppylm.export_gpt2 import export_gpt2
+
+    export_gpt2(folder / "model", folder / "gpt2")  # its GPT-2 twin: test_gpt2_twin.py
     messages = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
     replies, last_logits = [], []
     with torch.no_grad():
@@ -69,33 +74,40 @@ def torch_wheel():
     return found[-1]
 
 
-def environment(version):
-    """A cached virtual environment with torch, transformers==`version` and pytest; its python."""
-    spec = VERSIONS.get(version, {})
-    venv = CACHE / f"py{sys.version_info.major}.{sys.version_info.minor}-torch{torch.__version__}-transformers{version}"
-    python = venv / "bin" / "python"
-    if (venv / ".complete").is_file():
+def venv(name, *installs):
+    """A cached virtual environment CACHE/…-`name` with the torch installed here, then each list of `uv pip install`
+    arguments in turn; its python. Made once (uv's cache shares the files between environments); a half-made one
+    is made again."""
+    folder = CACHE / f"py{sys.version_info.major}.{sys.version_info.minor}-torch{torch.__version__}-{name}"
+    python = folder / "bin" / "python"
+    if (folder / ".complete").is_file():
         return python
-    shutil.rmtree(venv, ignore_errors=True)
-    uv = [sys.executable, "-m", "uv"]
-    subprocess.run([*uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    install = [*uv, "pip", "install", "-q", "--python", str(python)]
-    base = spec.get("dependencies_of", version)
-    subprocess.run([*install, str(torch_wheel()), f"transformers=={base}", "pytest", "pytest-timeout"], check=True)
-    if base != version:
-        subprocess.run([*install, "--no-deps", f"transformers=={version}"], check=True)
-    (venv / ".complete").touch()
+    shutil.rmtree(folder, ignore_errors=True)
+    subprocess.run([*UV, "venv", "-q", "--python", sys.executable, str(folder)], check=True)
+    first, *rest = installs
+    for arguments in ([str(torch_wheel()), *first], *rest):  # the wheel, a direct requirement, keeps this torch
+        subprocess.run([*UV, "pip", "install", "-q", "--python", str(python), *arguments], check=True)
+    (folder / ".complete").touch()
     return python
 
 
+def environment(version):
+    """Torch, transformers==`version` and pytest, without guppylm; its python."""
+    base = SPECIAL.get(version, {}).get("dependencies_of", version)
+    installs = [[f"transformers=={base}", "pytest", "pytest-timeout"]]
+    if base != version:
+        installs.append(["--no-deps", f"transformers=={version}"])
+    return venv(f"transformers{version}", *installs)
+
+
 def run(version, folder):
-    """Run test_saved_folder.py under `version`; (passed, seconds, output)."""
+    """Run the TESTS modules under `version`; (passed, seconds, output)."""
     python = environment(version)
-    env = {**os.environ, **VERSIONS.get(version, {}).get("env", {}), "GUPPYLM_COMPAT_DIR": str(folder), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SPECIAL.get(version, {}).get("env", {}), "GUPPYLM_COMPAT_DIR": str(folder), "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     started = time.perf_counter()
     result = subprocess.run(
-        [str(python), "-m", "pytest", str(HERE / "test_saved_folder.py"), "-q", "-p", "no:cacheprovider",
+        [str(python), "-m", "pytest", *map(str, TESTS), "-q", "-p", "no:cacheprovider",
          f"--rootdir={HERE}", f"--confcutdir={HERE}", "-o", "addopts=", "--timeout=300"],
         cwd=folder, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )  # cwd is the temporary folder: the checkout (and so guppylm) is not on the path there
@@ -103,7 +115,9 @@ def run(version, folder):
 
 
 def main(versions):
-    versions = versions or sorted({*VERSIONS, transformers.__version__}, key=lambda v: tuple(map(int, v.split("."))))
+    from guppylm.card import TESTED_TRANSFORMERS  # the list the model card states
+
+    versions = versions or sorted({*TESTED_TRANSFORMERS, transformers.__version__}, key=lambda v: tuple(map(int, v.split("."))))
     failed = []
     with tempfile.TemporaryDirectory(prefix="guppylm-compat-") as tmp:
         folder = Path(tmp)
