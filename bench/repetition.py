@@ -50,7 +50,8 @@ def main():
     pack = load_persona(model.config.persona)
     if args.quick:
         args.samples, pack.split_cases = 1, {}  # the topics' own prompts only
-    base = model.generation_config.to_dict()
+    # the settings are measured from none: a model saved with one of them in its generation_config starts without it
+    base = {**model.generation_config.to_dict(), "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
     rows = []
     for name, setting in SETTINGS.items():
         model.generation_config.update(**{**base, **setting})

@@ -46,6 +46,7 @@ def test_output_folder_is_complete_and_holds_nothing_a_hub_repo_should_not(train
     assert summary["eval_loss_name"] == "held-out loss" and summary["eval"]["prompts"] >= 60
     generation = json.loads((trained_tiny_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 3 and generation["do_sample"] is True
+    assert generation["no_repeat_ngram_size"] == 3  # replies never repeat a 3-word phrase (bench/repetition.py)
     card = (trained_tiny_dir / "README.md").read_text()
     assert "library_name: transformers" in card and "model-index" in card and "on-topic" in card
     assert "Guppy is a tiny language model in the voice of one persona: Guppy, a small fish" in card
