@@ -43,10 +43,10 @@ def test_sizes_and_features(built, persona):
 
 
 def test_topics_all_present_and_shared_by_weight(columns, persona):
-    """Each topic's share of a split is its weight's (feelings, human_feelings and confusion weigh 2), in whole
+    """Each topic's share of a split is its weight's (feelings, human_feelings and confusion weigh more), in whole
     numbers: within one of the exact share in each of the two draws (all samples, test) train is the difference of."""
     weights = [persona.specs[topic].weight for topic in persona.topics]
-    assert sorted(set(weights)) == [1.0, 2.0]
+    assert len(set(weights)) > 1  # the pack's shares are unequal, so this checks the weighting
     for name, total in (("train", 57_000), ("test", 3_000)):
         counts = Counter(columns[name]["topic"])
         assert sorted(counts) == list(range(len(persona.topics)))

@@ -255,7 +255,9 @@ def test_guppy_has_natural_prompts_of_every_kind():
     guppy = load_persona("guppy")
     assert set(guppy.kinds) == {"opener", "long", "off_domain", "noisy", "own_feelings", "distractor"}
     natural = Counter(case.kind for case in guppy.eval_cases("natural"))  # counted, never read: the split is blind
-    assert sum(natural.values()) >= 120 and set(natural) == set(guppy.kinds) and min(natural.values()) >= 20
+    # openers are short and formulaic ("how are you?"), so the pack's opener phrasings produce many of the authors'
+    # and those are dropped (a producible prompt may be in the training data): 14 of 24 are left
+    assert sum(natural.values()) >= 120 and set(natural) == set(guppy.kinds) and min(natural.values()) >= 10
     assert "natural" in guppy.blind
     dev = Counter(case.kind for case in guppy.eval_cases("dev"))
     assert all(dev[kind] >= 25 for kind in guppy.kinds) and dev["paraphrase"] >= 300
