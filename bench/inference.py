@@ -129,7 +129,7 @@ def main():
     from dataset_builder import load_persona
 
     model, tokenizer = load_model(args.model)  # a missing folder says how to train one
-    texts = [prompt for prompt, _, _ in load_persona(model.config.persona).eval_cases()][: args.prompts]
+    texts = [case.prompt for case in load_persona(model.config.persona).eval_cases()][: args.prompts]
     prompts = [prompt_for(model, tokenizer, text, args.new_tokens).input_ids for text in texts]  # each (1, T_prompt)
 
     backends = {

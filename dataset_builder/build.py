@@ -44,11 +44,10 @@ def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
         raise ValueError(f"need 0 <= test_size < num_samples <= {MAX_SAMPLES:,}, got test_size={test_size}, num_samples={num_samples}")
     rng = random.Random(seed)
     seen, splits = set(), {"train": [], "test": []}
-    n_topics = len(persona.topics)
+    weights = [topic.weight for topic in persona.specs.values()]
+    samples, tests = _shares(num_samples, weights), _shares(test_size, weights)
     for label, topic in enumerate(persona.specs.values()):
-        # topic i gets total // n_topics, plus one of the remainder for the first topics
-        share = lambda total: total // n_topics + (label < total % n_topics)
-        train, test = _split_topic(persona, topic, share(num_samples), share(test_size), rng, seen)
+        train, test = _split_topic(persona, topic, samples[label], tests[label], rng, seen)
         splits["test"] += [(*pair, label) for pair in test]
         splits["train"] += [(*pair, label) for pair in train]
     columns = lambda rows: {
@@ -61,6 +60,18 @@ def build_dataset(persona="guppy", num_samples=None, test_size=None, seed=42):
         rng.shuffle(rows)
     schema = features(persona).arrow_schema  # carries the features, ClassLabel names included, as metadata
     return DatasetDict({name: Dataset(pa.table(columns(rows), schema=schema)) for name, rows in splits.items()})
+
+
+def _shares(total, weights):
+    """`total` split in proportion to `weights`, in whole numbers: each gets the floor of its exact share, and the
+    rest go one each to the largest remainders, the first topics first (equal weights: total // n, the first
+    total % n topics one more)."""
+    exact = [total * weight / sum(weights) for weight in weights]
+    shares = [int(share) for share in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def _split_topic(persona, topic, n, n_test, rng, seen):

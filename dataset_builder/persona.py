@@ -2,17 +2,20 @@
 
 A pack names the character, its style rules and its topics; each topic has user phrasings (`ask`), reply
 templates (`replies`), held-out evaluation prompts (`eval`) and the words that make a reply on-topic (`words`).
-personas/_scaffold.yaml documents every field. Templates are plain text with two kinds of slot, nested freely:
+More held-out prompts, each with a kind ("opener", "long", ...), may sit in sibling files named after the pack
+and the split (guppy.natural.yaml). personas/_scaffold.yaml documents every field. Templates are plain text with two kinds of slot, nested freely:
     {pool}     one entry of a named pool (the topic's own `pools` first, then the pack's)
     {a|b|}     one of the inline choices; an empty choice makes the part optional
 """
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.resources import files
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -20,7 +23,12 @@ PERSONA_DIR = files("dataset_builder") / "personas"  # package data: a wheel ins
 SCAFFOLD = PERSONA_DIR / "_scaffold.yaml"  # `guppylm persona new` copies it; the leading _ keeps it out of the list
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")  # a lowercase word of a reply, as `words` lists them
 _POOL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+# Held-out prompt sets: "eval" is the test set, "dev" the one to tune against, "natural" a blind test set of what
+# people type first. A topic's own `eval`/`dev` prompts are of kind PARAPHRASE; split files give each prompt a kind.
+SPLITS = ("eval", "dev", "natural")
+PARAPHRASE = "paraphrase"
 # Replies hold letters, digits, spaces, . , ! ? and apostrophes inside words: the word-level tokenizer's alphabet.
 _REPLY_TEXT = re.compile(r"(?:[A-Za-z0-9 ,.!?]|(?<=[A-Za-z])'(?=[A-Za-z]))+")
 
@@ -80,6 +88,14 @@ def _options(part, pools):
 def tidy(text):
     """Single spaces, none before punctuation: optional parts may leave either behind."""
     return re.sub(r" ([,.!?])", r"\1", " ".join(text.split()))
+
+
+def repeats(text):
+    """Whether `text` says a sentence twice, or a 3-word phrase twice within its sentences:
+    "he is my friend. he is my friend." and "i like the snail. the snail is my friend, i like the snail." do."""
+    sentences = [s for s in (tuple(WORD.findall(part)) for part in re.split(r"[.!?]+", text.lower())) if s]
+    trigrams = [s[i : i + 3] for s in sentences for i in range(len(s) - 2)]
+    return len(set(sentences)) < len(sentences) or len(set(trigrams)) < len(trigrams)
 
 
 def expand(parts, rng, pools):
@@ -164,6 +180,15 @@ def regex(parts, pools):
 # --- the pack ------------------------------------------------------------------------------------
 
 
+class Case(NamedTuple):
+    """One held-out prompt and how to score the reply to it."""
+
+    prompt: str
+    topic: str
+    words: frozenset  # the reply is on-topic when it names one of these
+    kind: str  # PARAPHRASE, or a kind the pack declares ("opener", "long", ...)
+
+
 @dataclass
 class Topic:
     name: str
@@ -174,6 +199,7 @@ class Topic:
     dev: list  # held-out prompts to tune data and recipes against, so `eval` stays unseen
     pools: dict  # name -> list of parsed templates; the pack's pools merged under the topic's own
     field: str  # "topics[3]", for error messages
+    weight: float  # its share of the conversations, relative to the other topics' (1 by default)
 
 
 @dataclass
@@ -194,16 +220,20 @@ class Persona:
     capitalize_rate: float  # how often the user's first letter is a capital
     specs: dict  # topic name -> Topic, in pack order
     source: Path  # the pack file
+    kinds: dict  # kind of held-out prompt -> what it is, for the split files
+    split_cases: dict  # split -> [Case] from its split file (guppy.natural.yaml), if there is one
+    blind: frozenset  # splits whose prompts tools name only by count until they are scored
 
     @property
     def topics(self):
         return list(self.specs)
 
     def eval_cases(self, split="eval"):
-        """Held-out prompts of `split` ("eval" or "dev"): [(prompt, topic, on-topic words)], in pack order."""
-        if split not in ("eval", "dev"):
-            raise ValueError(f"split must be 'eval' or 'dev', not {split!r}")
-        return [(prompt, t.name, t.words) for t in self.specs.values() for prompt in getattr(t, split)]
+        """Held-out prompts of `split` (one of SPLITS) as [Case]: the topics' own, in pack order, then the split file's."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, not {split!r}")
+        own = [Case(prompt, t.name, t.words, PARAPHRASE) for t in self.specs.values() for prompt in getattr(t, split, [])]
+        return own + self.split_cases.get(split, [])
 
     def sample(self, topic, rng):
         """One (user input, reply) about `topic`; PersonaError if its replies keep breaking the style rules."""
@@ -216,11 +246,9 @@ class Persona:
         user = tidy(user)
         if rng.random() < self.capitalize_rate:
             user = user[:1].upper() + user[1:]
-        for _ in range(10):  # a draw may run long or repeat a sentence ("i hide. i hide."): draw again
+        for _ in range(10):  # a draw may run long or repeat itself ("i hide. i hide."): draw again
             reply = tidy(pick(topic.replies))
-            sentences = re.findall(r"[^.!?]+[.!?]", reply)
-            repeats = len(set(sentences)) < len(sentences)
-            problem = self.style_problem(reply) or ("repeats a sentence" if repeats else None)
+            problem = self.style_problem(reply) or ("repeats a sentence or a 3-word phrase" if repeats(reply) else None)
             if problem is None:
                 return user, reply
         raise PersonaError(f"{self.source.name}: {topic.field}.replies: a reply {problem}: {reply!r}")
@@ -281,7 +309,18 @@ def load_persona(name_or_path):
         raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
     if _size(data, MAX_PACK_NODES) > MAX_PACK_NODES:
         raise PersonaError(f"{path.name}: holds more than {MAX_PACK_NODES:,} values (its aliases counted at each use)")
-    return _validate(data, path.resolve())
+    persona = _validate(data, path.resolve())
+    for split in SPLITS:
+        split_file = split_path(persona.source, split)
+        if split_file.is_file():
+            persona.split_cases[split], blind = _load_split_file(persona, split_file)
+            persona.blind |= {split} if blind else set()
+    return persona
+
+
+def split_path(pack_path, split):
+    """Where a pack's split file lives: guppy.yaml -> guppy.natural.yaml."""
+    return Path(pack_path).with_name(f"{Path(pack_path).stem}.{split}.yaml")
 
 
 MAX_PACK_BYTES = 10 << 20  # guppy.yaml has about 0.2 MB
@@ -308,7 +347,8 @@ def _size(data, limit):
 def list_personas(describe=True):
     """Shipped packs: name -> one-line description."""
     names = sorted(p.name.removesuffix(".yaml") for p in PERSONA_DIR.iterdir() if p.name.endswith(".yaml"))
-    return {name: load_persona(name).description if describe else "" for name in names if not name.startswith("_")}
+    names = [name for name in names if not name.startswith("_") and "." not in name]  # not split files
+    return {name: load_persona(name).description if describe else "" for name in names}
 
 
 def _validate(data, path):
@@ -364,7 +404,7 @@ def _validate(data, path):
         return {key: templates(entries, f"{field}.{key}") for key, entries in value.items()}
 
     top = ("name", "display_name", "description", "style", "defaults", "topics")
-    section(data, "", top, ("about", "user", "pools"))
+    section(data, "", top, ("about", "user", "pools", "kinds"))
     name = typed(data["name"], "name", str)
     if not _NAME.fullmatch(name):
         fail("name", f"must be lowercase letters, digits, - and _, starting with a letter, not {name!r}")
@@ -384,7 +424,7 @@ def _validate(data, path):
     shared_nodes = sum(nodes(template) for entries in shared.values() for template in entries)
     for i, raw in enumerate(data["topics"]):
         field = f"topics[{i}]"
-        section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools", "dev"))
+        section(raw, field, ("name", "words", "ask", "replies", "eval"), ("pools", "dev", "weight"))
         topic = typed(raw["name"], f"{field}.name", str)
         if topic in specs:
             fail(f"{field}.name", f"duplicate topic '{topic}'")
@@ -414,7 +454,16 @@ def _validate(data, path):
                 fail(place, f"can expand to {size:,} characters and slots; one turn may take at most {MAX_EXPANSION:,}")
         eval_prompts = strings(raw["eval"], f"{field}.eval")
         dev_prompts = strings(raw["dev"], f"{field}.dev") if "dev" in raw else []
-        specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, dev_prompts, scope, field)
+        weight = typed(raw.get("weight", 1.0), f"{field}.weight", float, 0.1, 10)
+        specs[topic] = Topic(topic, words, ask + user_templates["frames"], replies, eval_prompts, dev_prompts, scope, field, weight)
+
+    kinds = data.get("kinds", {})
+    if not isinstance(kinds, dict):
+        fail("kinds", "must be a mapping of kind name to what it is")
+    for kind, meaning in kinds.items():
+        if not isinstance(kind, str) or not _POOL_NAME.fullmatch(kind) or kind == PARAPHRASE:
+            fail(f"kinds.{kind}", f"kind names are lowercase letters, digits and _ ('{PARAPHRASE}' is taken)")
+        typed(meaning, f"kinds.{kind}", str)
 
     description = typed(data["description"], "description", str)
     if "\n" in description.strip():
@@ -436,7 +485,46 @@ def _validate(data, path):
         capitalize_rate=typed(user.get("capitalize_rate", 0.0), "user.capitalize_rate", float, 0, 1),
         specs=specs,
         source=path,
+        kinds=kinds,
+        split_cases={},
+        blind=frozenset(),
     )
+
+
+def _load_split_file(persona, path):
+    """([Case], blind) from a split file: `prompts: [{kind, topic, prompt}]`, kinds and topics of `persona`."""
+
+    def fail(field, problem):
+        raise PersonaError(f"{path.name}: {field}: {problem}")
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict) or "prompts" not in data:
+        fail("prompts", "is missing")
+    for key in data:
+        if key not in ("about", "blind", "prompts"):
+            fail(str(key), "unknown field (expected one of: about, blind, prompts)")
+    if not isinstance(data.get("blind", False), bool):
+        fail("blind", "must be true or false")
+    if not isinstance(data["prompts"], list) or not data["prompts"]:
+        fail("prompts", "must be a non-empty list")
+    cases = []
+    for i, entry in enumerate(data["prompts"]):
+        field = f"prompts[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"kind", "topic", "prompt"}:
+            fail(field, "must be a mapping with exactly kind, topic and prompt")
+        kind, topic, prompt = entry["kind"], entry["topic"], entry["prompt"]
+        if kind not in persona.kinds:
+            declared = ", ".join(persona.kinds) or "none"
+            fail(f"{field}.kind", f"{kind!r} is not a kind {persona.source.name} declares (kinds: {declared})")
+        if topic not in persona.specs:
+            fail(f"{field}.topic", f"{topic!r} is not a topic of {persona.source.name}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            fail(f"{field}.prompt", "must be a non-empty string")
+        cases.append(Case(prompt, topic, persona.specs[topic].words, kind))
+    return cases, data.get("blind", False)
 
 
 def check_persona(name_or_path, samples_per_topic=100):
@@ -461,16 +549,23 @@ def check_persona(name_or_path, samples_per_topic=100):
             f"{topic.name:20s} {len(topic.ask):9d} {inputs:15,d} "
             f"{len(topic.replies):7d} {replies:11,d} {len(topic.eval):4d} {len(topic.dev):4d}"
         )
-    cases = persona.eval_cases() + persona.eval_cases("dev")
-    producible = [prompt for prompt, _, _ in cases if persona.producible(prompt)]
     lines += [
         f"{len(persona.topics)} topics; estimated distinct user inputs {totals[0]:,}, replies {totals[1]:,}, "
         f"conversations {totals[2]:,} (upper bounds: different choices can give the same text)",
         f"{samples_per_topic} sampled conversations per topic follow the style rules",
-        f"{len(persona.eval_cases())} eval and {len(persona.eval_cases('dev'))} dev prompts; "
-        + (f"{len(producible)} are NOT held out, the phrasings can produce them: {producible}" if producible else
-           "none of them can be produced by the phrasings"),
     ]
+    for split in SPLITS:
+        cases = persona.eval_cases(split)
+        if not cases:
+            continue
+        kinds = Counter(case.kind for case in cases)
+        producible = [case.prompt for case in cases if persona.producible(case.prompt)]
+        named = f": {producible}" if split not in persona.blind else " (a blind split: not named here)"
+        lines.append(
+            f"{split}: {len(cases)} prompts ({', '.join(f'{n} {kind}' for kind, n in kinds.items())}); "
+            + (f"{len(producible)} are NOT held out, the phrasings can produce them{named}" if producible else
+               "none of them can be produced by the phrasings")
+        )
     return "\n".join(lines)
 
 

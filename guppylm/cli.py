@@ -203,8 +203,9 @@ def add_model_commands(sub):
     evaluate = sub.add_parser("eval", help="score a model on its persona's held-out prompts")
     evaluate.add_argument("--model", default=None, help="model folder or Hub repo id (default: $GUPPYLM_MODEL or runs/guppy)")
     evaluate.add_argument("--persona", default=None, help="pack whose prompts to use (default: the model's)")
-    evaluate.add_argument("--split", choices=("eval", "dev"), default="eval",
-                          help="eval: the held-out test prompts (default); dev: the prompts to tune data and recipes against")
+    evaluate.add_argument("--split", choices=("eval", "dev", "natural"), default="eval",  # dataset_builder.persona.SPLITS
+                          help="eval: the held-out test prompts (default); dev: the prompts to tune data and recipes against; "
+                               "natural: the blind test of what people type first, scored once at the end")
     evaluate.add_argument("--max-new-tokens", type=setting("max_new_tokens"), default=48)
     evaluate.set_defaults(func=_eval)
 

@@ -464,6 +464,7 @@ def save_model_folder(model, tokenizer, pack, summary, output_dir, overwrite, ru
         top_k=50,
         top_p=0.9,
         max_new_tokens=48,  # a reply that runs into the context's end stops there with <|im_end|> (the model's forward)
+        no_repeat_ngram_size=3,  # no 3-token phrase twice: "i will be here. i will be here." (bench/repetition.py)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

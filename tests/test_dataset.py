@@ -42,10 +42,15 @@ def test_sizes_and_features(built, persona):
     assert row["messages"] == [{"role": "user", "content": row["input"]}, {"role": "assistant", "content": row["output"]}]
 
 
-def test_topics_all_present_and_balanced(columns, persona):
-    for name, size in (("train", 950), ("test", 50)):
+def test_topics_all_present_and_shared_by_weight(columns, persona):
+    """Each topic's share of a split is its weight's (feelings, human_feelings and confusion weigh more), in whole
+    numbers: within one of the exact share in each of the two draws (all samples, test) train is the difference of."""
+    weights = [persona.specs[topic].weight for topic in persona.topics]
+    assert len(set(weights)) > 1  # the pack's shares are unequal, so this checks the weighting
+    for name, total in (("train", 57_000), ("test", 3_000)):
         counts = Counter(columns[name]["topic"])
-        assert sorted(counts) == list(range(len(persona.topics))) and set(counts.values()) == {size}
+        assert sorted(counts) == list(range(len(persona.topics)))
+        assert all(abs(counts[i] - total * weight / sum(weights)) < 2 for i, weight in enumerate(weights))
 
 
 def test_no_pair_is_in_both_splits(columns):
@@ -72,7 +77,7 @@ def test_eval_prompts_are_not_dataset_inputs(columns, persona):
     normal = lambda text: " ".join(text.lower().split())
     inputs = {normal(text) for c in columns.values() for text in c["input"]}
     cases = persona.eval_cases() + persona.eval_cases("dev")
-    assert [prompt for prompt, _, _ in cases if normal(prompt) in inputs] == []
+    assert [case.prompt for case in cases if normal(case.prompt) in inputs] == []
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
@@ -104,7 +109,9 @@ def test_card_metadata_matches_the_data(built, columns, persona):
     assert list(topic["dtype"]["class_label"]["names"].values()) == persona.topics
     for heading in ("## Persona", "## Topics", "## How it was generated", "## Statistics", "## Limitations"):
         assert heading in text
-    assert "| hot_water | 950 | 50 |" in text
+    hot_water = persona.topics.index("hot_water")
+    counts = {name: Counter(c["topic"])[hot_water] for name, c in columns.items()}
+    assert f"| hot_water | {counts['train']} | {counts['test']} |" in text
     assert f"unique user inputs: {len(set(columns['train']['input'] + columns['test']['input']))}" in text
 
 

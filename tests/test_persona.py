@@ -2,6 +2,7 @@
 
 import random
 import re
+from collections import Counter
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from dataset_builder import (
     load_persona,
     scaffold_persona,
 )
+from dataset_builder.persona import SPLITS
 
 WORD = re.compile(r"[\w']+")
 
@@ -47,18 +49,96 @@ def write(tmp_path, pack, name="fish.yaml"):
 def test_minimal_pack_loads(tmp_path):
     persona = load_persona(write(tmp_path, minimal_pack()))
     assert (persona.name, persona.display_name, persona.topics, persona.max_words) == ("fish", "Fish", ["food"], 8)
-    assert persona.eval_cases() == [("got any favourite snacks?", "food", frozenset({"food"}))]
-    assert persona.eval_cases("dev") == []  # the dev split is optional
+    assert persona.eval_cases() == [("got any favourite snacks?", "food", frozenset({"food"}), "paraphrase")]
+    assert persona.eval_cases("dev") == persona.eval_cases("natural") == []  # both are optional
 
 
 def test_dev_split(tmp_path):
     pack = minimal_pack()
     pack["topics"][0]["dev"] = ["what's for dinner?"]
     persona = load_persona(write(tmp_path, pack))
-    assert persona.eval_cases("dev") == [("what's for dinner?", "food", frozenset({"food"}))]
-    assert persona.eval_cases() == [("got any favourite snacks?", "food", frozenset({"food"}))]
-    with pytest.raises(ValueError, match="split must be 'eval' or 'dev'"):
+    assert persona.eval_cases("dev") == [("what's for dinner?", "food", frozenset({"food"}), "paraphrase")]
+    assert persona.eval_cases() == [("got any favourite snacks?", "food", frozenset({"food"}), "paraphrase")]
+    with pytest.raises(ValueError, match="split must be one of 'eval', 'dev', 'natural'"):
         persona.eval_cases("train")
+
+
+def kinded_pack(tmp_path, prompts, blind=False):
+    """The minimal pack with two kinds and a `natural` split file beside it."""
+    pack = minimal_pack()
+    pack["kinds"] = {"opener": "how people start", "noisy": "typos and slang"}
+    pack["topics"].append({**pack["topics"][0], "name": "water", "words": ["water"], "eval": ["wet enough?"]})
+    (tmp_path / "fish.natural.yaml").write_text(yaml.safe_dump({"blind": blind, "prompts": prompts}), encoding="utf-8")
+    return write(tmp_path, pack)
+
+
+def test_split_files_add_prompts_with_kinds(tmp_path):
+    """fish.natural.yaml beside fish.yaml holds a split's prompts, each with a kind; they follow the topics' own."""
+    prompts = [{"kind": "noisy", "topic": "water", "prompt": "is teh watr ok"},
+               {"kind": "opener", "topic": "food", "prompt": "hey, snack time?"}]
+    persona = load_persona(kinded_pack(tmp_path, prompts))
+    assert persona.eval_cases("natural") == [("is teh watr ok", "water", frozenset({"water"}), "noisy"),
+                                             ("hey, snack time?", "food", frozenset({"food"}), "opener")]
+    assert [case.kind for case in persona.eval_cases()] == ["paraphrase", "paraphrase"]
+    (tmp_path / "fish.dev.yaml").write_text(yaml.safe_dump({"prompts": [prompts[0]]}), encoding="utf-8")
+    assert [case.prompt for case in load_persona(tmp_path / "fish.yaml").eval_cases("dev")] == ["is teh watr ok"]
+    assert "." not in "".join(list_personas(describe=False))  # guppy.dev.yaml and guppy.natural.yaml are no packs
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"kind": "typo", "topic": "food", "prompt": "x"}, "fish.natural.yaml: prompts[0].kind: 'typo' is not a kind fish.yaml declares"),
+        ({"kind": "noisy", "topic": "cats", "prompt": "x"}, "fish.natural.yaml: prompts[0].topic: 'cats' is not a topic of fish.yaml"),
+        ({"kind": "noisy", "topic": "food", "prompt": " "}, "fish.natural.yaml: prompts[0].prompt: must be a non-empty string"),
+        ({"kind": "noisy", "topic": "food"}, "fish.natural.yaml: prompts[0]: must be a mapping with exactly kind, topic and prompt"),
+    ],
+)
+def test_split_file_errors_name_file_field_and_problem(tmp_path, entry, message):
+    with pytest.raises(PersonaError) as error:
+        load_persona(kinded_pack(tmp_path, [entry]))
+    assert str(error.value).startswith(message)
+
+
+def test_kinds_are_validated(tmp_path):
+    pack = minimal_pack()
+    pack["kinds"] = {"paraphrase": "taken"}
+    with pytest.raises(PersonaError, match=r"fish.yaml: kinds.paraphrase: kind names are lowercase letters"):
+        load_persona(write(tmp_path, pack))
+
+
+def test_check_never_names_the_prompts_of_a_blind_split(tmp_path):
+    """A blind split's prompts stay unread until they are scored, even the ones the phrasings can produce."""
+    prompts = [{"kind": "noisy", "topic": "food", "prompt": "hungry?"}, {"kind": "opener", "topic": "water", "prompt": "so, wet?"}]
+    report = check_persona(kinded_pack(tmp_path, prompts, blind=True))
+    assert "natural: 2 prompts (1 noisy, 1 opener); 1 are NOT held out" in report and "hungry" not in report
+    report = check_persona(kinded_pack(tmp_path, prompts, blind=False))
+    assert "1 are NOT held out, the phrasings can produce them: ['hungry?']" in report
+
+
+def test_import_natural_split_counts_and_drops_without_showing(tmp_path):
+    """bench/import_natural_split.py keeps the authors' held-out prompts and prints counts, never a prompt."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pack = kinded_pack(tmp_path, [{"kind": "noisy", "topic": "food", "prompt": "placeholder"}])
+    author = tmp_path / "author.yaml"
+    author.write_text(yaml.safe_dump({"author": "a", "prompts": [
+        {"kind": "noisy", "topic": "food", "prompt": "hungry?"},  # the phrasings produce it: dropped
+        {"kind": "noisy", "topic": "food", "prompt": "u hungy"},
+        {"kind": "opener", "topic": "water", "prompt": "sup, wet enough?"},
+        {"kind": "opener", "topic": "water", "prompt": "Sup,  wet enough?"},  # a repeat: dropped
+    ]}), encoding="utf-8")
+    script = Path(__file__).resolve().parents[1] / "bench" / "import_natural_split.py"
+    result = subprocess.run([sys.executable, str(script), str(author), "--persona", str(pack)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^noisy +1 +1 +0$", result.stdout, re.M) and re.search(r"^opener +1 +0 +1$", result.stdout, re.M)
+    assert "hungy" not in result.stdout and "wet" not in result.stdout
+    natural = load_persona(pack).eval_cases("natural")
+    assert [(case.prompt, case.kind) for case in natural] == [("u hungy", "noisy"), ("sup, wet enough?", "opener")]
+    assert "natural" in load_persona(pack).blind
 
 
 def _set(path, value):
@@ -126,6 +206,31 @@ def test_replies_breaking_the_style_stop_the_build(tmp_path):
         build_dataset(write(tmp_path, pack))
 
 
+def test_replies_that_repeat_themselves_are_redrawn(tmp_path):
+    """The data never teaches a reply that says a sentence or a 3-word phrase twice (what `guppylm eval` counts)."""
+    pack = minimal_pack()
+    pack["topics"][0]["replies"] = ["food, i want food, i want food.", "food is good{.|!}"]
+    persona, rng = load_persona(write(tmp_path, pack)), random.Random(0)
+    assert {persona.sample(persona.specs["food"], rng)[1] for _ in range(50)} == {"food is good.", "food is good!"}
+    pack["topics"][0]["replies"] = ["food. food."]
+    with pytest.raises(PersonaError, match=r"topics\[0\].replies: a reply repeats a sentence or a 3-word phrase: 'food. food.'"):
+        build_dataset(write(tmp_path, pack))
+
+
+def test_topic_weights_share_the_conversations(tmp_path):
+    pack = minimal_pack()
+    pack["topics"][0]["weight"] = 3
+    pack["topics"].append({**pack["topics"][0], "name": "water", "words": ["water"], "weight": 1,
+                           "ask": ["{wet|damp} {enough|today}{?|!|}"], "replies": ["water is {wet|fine}."]})
+    dataset = build_dataset(write(tmp_path, pack), num_samples=40, test_size=8)
+    names = dataset["train"].features["topic"].names
+    counts = {split: [names[t] for t in data["topic"]].count("food") for split, data in dataset.items()}
+    assert counts == {"train": 24, "test": 6}  # 3/4 of 32 and of 8
+    pack["topics"][1]["weight"] = 0
+    with pytest.raises(PersonaError, match=r"fish.yaml: topics\[1\].weight: must be between 0.1 and 10, not 0.0"):
+        load_persona(write(tmp_path, pack))
+
+
 def test_a_pack_too_small_for_the_request_says_so(tmp_path):
     with pytest.raises(PersonaError, match=r"topics\[0\]: only \d+ distinct conversations about 'food'"):
         build_dataset(write(tmp_path, minimal_pack()), num_samples=5000, test_size=10)
@@ -135,24 +240,44 @@ def test_shipped_packs():
     packs = list_personas()
     assert {"guppy", "bolt"} <= set(packs) and all(d and "\n" not in d for d in packs.values())
     guppy = load_persona("guppy")
-    assert len(guppy.topics) == 60 and guppy.lowercase and guppy.max_words == 25
+    assert len(guppy.topics) == 61 and guppy.lowercase and guppy.max_words == 25
     assert (guppy.num_samples, guppy.test_size) == (60_000, 3_000)
     for name, min_cases in (("guppy", 60), ("bolt", 30)):
         persona = load_persona(name)
         cases = persona.eval_cases()
-        assert len(cases) >= min_cases and {topic for _, topic, _ in cases} == set(persona.topics)
-        prompts = [prompt.lower() for prompt, _, _ in cases]
+        assert len(cases) >= min_cases and {case.topic for case in cases} == set(persona.topics)
+        prompts = [case.prompt.lower() for case in cases]
         assert len(set(prompts)) == len(prompts)
+
+
+def test_guppy_has_natural_prompts_of_every_kind():
+    """The blind `natural` split (>= 120 prompts by two authors) and the tuning prompts of the same six kinds in `dev`."""
+    guppy = load_persona("guppy")
+    assert set(guppy.kinds) == {"opener", "long", "off_domain", "noisy", "own_feelings", "distractor"}
+    natural = Counter(case.kind for case in guppy.eval_cases("natural"))  # counted, never read: the split is blind
+    # openers are short and formulaic ("how are you?"), so the pack's opener phrasings produce many of the authors'
+    # and those are dropped (a producible prompt may be in the training data): 14 of 24 are left
+    assert sum(natural.values()) >= 120 and set(natural) == set(guppy.kinds) and min(natural.values()) >= 10
+    assert "natural" in guppy.blind
+    dev = Counter(case.kind for case in guppy.eval_cases("dev"))
+    assert all(dev[kind] >= 25 for kind in guppy.kinds) and dev["paraphrase"] >= 300
 
 
 @pytest.mark.parametrize("name", ["guppy", "bolt"])
 def test_eval_prompts_are_held_out(name):
-    """No phrasing of the pack can produce an eval or dev prompt, so both measure generalization."""
+    """No phrasing of the pack can produce a held-out prompt, so every split measures generalization (a blind
+    split's are only counted: bench/import_natural_split.py drops what the phrasings can produce)."""
     persona = load_persona(name)
-    cases = persona.eval_cases() + persona.eval_cases("dev")
-    assert [prompt for prompt, _, _ in cases if persona.producible(prompt)] == []
-    prompts = [prompt.lower() for prompt, _, _ in cases]
-    assert len(set(prompts)) == len(prompts)  # and the two splits share none
+    for split in SPLITS:
+        cases = persona.eval_cases(split)
+        if split in persona.blind:  # a number, so that a failing assertion shows no prompt
+            producible = sum(persona.producible(case.prompt) for case in cases)
+            assert producible == 0, f"{split}: rerun bench/import_natural_split.py"
+        else:
+            assert [case.prompt for case in cases if persona.producible(case.prompt)] == [], split
+    prompts = [case.prompt.lower() for split in SPLITS for case in persona.eval_cases(split)]
+    repeated = len(prompts) - len(set(prompts))
+    assert repeated == 0  # the splits share none
 
 
 @pytest.mark.parametrize("name", ["guppy", "bolt"])
@@ -179,7 +304,8 @@ def test_second_pack_builds_in_its_own_style():
 
 def test_check_report():
     report = check_persona("guppy")
-    assert "60 topics" in report and "hot_water" in report and "none of them can be produced" in report
+    assert "61 topics" in report and "hot_water" in report
+    assert re.search(r"^natural: 1\d\d prompts \(.*\); none of them can be produced by the phrasings$", report, re.M)
 
 
 def test_scaffold_is_a_valid_pack_that_builds(tmp_path):

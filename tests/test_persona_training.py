@@ -22,7 +22,7 @@ def test_bolt_trains_talks_in_its_own_words_and_is_evaluated_on_its_own_prompts(
     pack = load_persona("bolt")
     result = subprocess.run(guppylm_command("eval", "--model", out), capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    topics = len({topic for _, topic, _ in pack.eval_cases()})
+    topics = len({case.topic for case in pack.eval_cases()})
     assert f"persona bolt: {len(pack.eval_cases())} held-out eval prompts over {topics} topics" in result.stdout
     scores = json.loads((out / "training_summary.json").read_text())["eval"]
     assert scores["persona"] == "bolt" and scores["in_style"] >= 0.9  # stops, and keeps the pack's length and punctuation rules

@@ -46,6 +46,7 @@ def test_output_folder_is_complete_and_holds_nothing_a_hub_repo_should_not(train
     assert summary["eval_loss_name"] == "held-out loss" and summary["eval"]["prompts"] >= 60
     generation = json.loads((trained_tiny_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 3 and generation["do_sample"] is True
+    assert generation["no_repeat_ngram_size"] == 3  # replies never repeat a 3-word phrase (bench/repetition.py)
     card = (trained_tiny_dir / "README.md").read_text()
     assert "library_name: transformers" in card and "model-index" in card and "on-topic" in card
     assert "Guppy is a tiny language model in the voice of one persona: Guppy, a small fish" in card
@@ -58,8 +59,8 @@ def test_eval_cli_scores_either_split(trained_tiny_dir, tmp_path):
         result = subprocess.run(guppylm_command("eval", "--model", str(trained_tiny_dir), "--split", split, "--max-new-tokens", "6"),
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
-        assert f"persona guppy: {len(cases)} held-out {split} prompts over 60 topics" in result.stdout
-        assert all(f"{prompt!r} ->" in result.stdout for prompt, _, _ in cases[:5])
+        assert f"persona guppy: {len(cases)} held-out {split} prompts over 61 topics" in result.stdout
+        assert all(f"{prompt!r} ->" in result.stdout for prompt, *_ in cases[:5])
     topic = {"name": "food", "words": ["food"], "ask": ["hungry?"], "replies": ["food!"], "eval": ["snack time?"]}
     pack = tmp_path / "nodev.yaml"
     pack.write_text(yaml.safe_dump({"name": "nodev", "display_name": "No dev", "description": "a pack without dev prompts",
