@@ -362,8 +362,8 @@ def run(action):
     """Call `action()`. Whatever it raises - tokenizers' PanicException and KeyboardInterrupt are BaseExceptions -
     becomes one line on stderr: exit code 1, or 130 for Ctrl-C (GUPPYLM_DEBUG=1: the traceback)."""
     _interrupts.clear()
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
-        signal.signal(signal.SIGINT, remember_interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGINT, remember_interrupt) if main_thread else None
     try:
         return action()
     except SystemExit:  # argparse's --help and usage errors, sys.exit() in a handler
@@ -376,6 +376,9 @@ def run(action):
             raise
         print(f"guppylm: error: {describe(error)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if main_thread:  # a program that calls main() gets its own Ctrl-C handling back
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv=None):
