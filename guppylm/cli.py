@@ -6,6 +6,7 @@ goes wrong after (set GUPPYLM_DEBUG=1 for the traceback), 130 for Ctrl-C.
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -358,12 +359,24 @@ def remember_interrupt(signum, frame):
     signal.default_int_handler(signum, frame)
 
 
+def redeliver_swallowed_interrupt(unraisable, previous_hook):
+    """sys.unraisablehook: a Ctrl-C that lands in a finalizer (`__del__`, a weakref callback) is printed as
+    "Exception ignored" and dropped by Python, and `guppylm chat` would go on to wait at its prompt. Send it again
+    from a moment later - not from here, where it would land in the same finalizer."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+    else:
+        previous_hook(unraisable)
+
+
 def run(action):
     """Call `action()`. Whatever it raises - tokenizers' PanicException and KeyboardInterrupt are BaseExceptions -
     becomes one line on stderr: exit code 1, or 130 for Ctrl-C (GUPPYLM_DEBUG=1: the traceback)."""
     _interrupts.clear()
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
-    previous = signal.signal(signal.SIGINT, remember_interrupt) if main_thread else None
+    if main_thread:
+        previous_handler, previous_hook = signal.signal(signal.SIGINT, remember_interrupt), sys.unraisablehook
+        sys.unraisablehook = functools.partial(redeliver_swallowed_interrupt, previous_hook=previous_hook)
     try:
         return action()
     except SystemExit:  # argparse's --help and usage errors, sys.exit() in a handler
@@ -378,7 +391,8 @@ def run(action):
         sys.exit(1)
     finally:
         if main_thread:  # a program that calls main() gets its own Ctrl-C handling back
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous_handler)
+            sys.unraisablehook = previous_hook
 
 
 def main(argv=None):

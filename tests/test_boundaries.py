@@ -135,6 +135,24 @@ def test_every_exception_is_one_plain_line(error, line, capsys):
     assert one_line(capsys.readouterr().err, exit.value.code) == f"guppylm: error: {line}"
 
 
+def test_ctrl_c_inside_a_finalizer_still_interrupts(capsys):
+    """CI, stop 21: Ctrl-C landed in a `__del__` while transformers imported; Python printed and dropped it, and
+    `guppylm chat` waited at its prompt forever."""
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
+
+    def action():
+        Finalized()
+        time.sleep(10)  # `guppylm chat` waiting at its prompt
+        return "never interrupted"
+
+    with pytest.raises(SystemExit) as exit:
+        run(action)
+    assert exit.value.code == 130 and capsys.readouterr().err == "guppylm: interrupted\n"
+
+
 def interrupted(argv, when, tmp_path):
     """Run `guppylm ARGV` with stdin open and silent; SIGINT once `when(stderr so far, seconds)` is true."""
     log = tmp_path / f"stderr-{time.monotonic_ns()}"
@@ -162,7 +180,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(moment, tiny_model_dir, t
         when = lambda stderr, seconds, at=float(moment.split()[0]): seconds >= at
     code, stderr = interrupted(["chat", "--model", tiny_model_dir], when, tmp_path)
     lines = stderr.strip().splitlines()
-    assert code == 130 and lines[-1] == "guppylm: interrupted" and "Traceback" not in stderr, (code, stderr)
+    # 130, or death by SIGINT (-2), which a shell also shows as 130: CPython 3.11 marks an interrupt that lands in
+    # code run by exec() (dataclasses builds its methods so, while huggingface_hub imports) as unhandled even when
+    # it is caught, and re-raises SIGINT as the interpreter exits
+    assert code in (130, -signal.SIGINT) and lines[-1] == "guppylm: interrupted" and "Traceback" not in stderr, (code, stderr)
     assert all(line.startswith("talk to guppy") for line in lines[:-1]), stderr
 
 
