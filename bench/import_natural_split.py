@@ -21,9 +21,9 @@ from dataset_builder.persona import split_path
 
 ABOUT = (
     "The blind test set of what people type first: written by {authors} authors who saw only the topic list and "
-    "the kinds, before the pack was tuned for these kinds; imported by bench/import_natural_split.py, which drops "
+    "the kinds; nobody tuning the pack reads them. Imported by bench/import_natural_split.py, which drops "
     "(counting, never showing) the prompts the pack's phrasings can produce and repeats. Score it once, at the end: "
-    "guppylm eval --split natural."
+    "guppylm eval --split natural. A spent round joins the dev split, and new authors write the next."
 )
 
 
