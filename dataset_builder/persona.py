@@ -112,7 +112,7 @@ MAX_DEPTH = 20  # pools and choices inside each other
 MAX_COUNT = 10**15  # counts are estimates: "more than 10**15" is as good as the exact number
 MAX_EXPANSION = 2_000  # characters and slots in one expansion: a turn that long never fits a context
 MAX_WORK = 5_000_000  # template parts the checks visit, over all topics: each topic walks the shared pools again
-MAX_PATTERN = 20_000_000  # characters of the regex `Persona.producible` compiles (guppy's: about 9 million, ~20 s to compile)
+MAX_PATTERN = 32_000_000  # characters of the regex `Persona.producible` compiles (guppy's: about 14 million, ~40 s and 1.8 GB to compile)
 
 
 def fold(parts, pools, literal, options, sequence, memo=None, depth=0):

@@ -352,11 +352,25 @@ _interrupts = []  # the Ctrl-Cs received while run() runs its action
 
 
 def remember_interrupt(signum, frame):
-    """SIGINT: remembered, then raised as KeyboardInterrupt as usual. A library may swallow it mid-import and fail
-    later with another error (a half-imported numpy recursing, then transformers 5.0's "Could not import module
-    'AutoModelForCausalLM'"); run() still reports the interrupt."""
+    """SIGINT: remembered, then raised as KeyboardInterrupt as usual. A library may swallow it and fail later with
+    another error (a half-imported numpy recursing, then transformers 5.0's "Could not import module
+    'AutoModelForCausalLM'"); run() still reports the interrupt. Inside an import it is sent again 50 ms later,
+    until it lands outside: there a library's bare `except` can swallow it for good, and raised under torch's C++
+    import hooks it aborts the process (pybind11: "terminate called after throwing ... KeyboardInterrupt")."""
     _interrupts.append(signum)
+    if importing(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
     signal.default_int_handler(signum, frame)
+
+
+def importing(frame):
+    """Whether `frame` runs inside an import statement (importlib's frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def redeliver_swallowed_interrupt(unraisable, previous_hook):

@@ -153,6 +153,25 @@ def test_ctrl_c_inside_a_finalizer_still_interrupts(capsys):
     assert exit.value.code == 130 and capsys.readouterr().err == "guppylm: interrupted\n"
 
 
+def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path, monkeypatch, capsys):
+    """CI, stop 22: Ctrl-C 0.4 s into `guppylm chat` was swallowed by a bare `except` inside an import (the chat
+    then waited at its prompt), or raised under torch's C++ import hooks, which abort the process."""
+    (tmp_path / "swallows_interrupts.py").write_text(
+        "import signal\ntry:\n    signal.raise_signal(signal.SIGINT)\nexcept BaseException:\n    pass\nIMPORTED = True\n")
+    monkeypatch.syspath_prepend(tmp_path)
+
+    def action():
+        import swallows_interrupts
+
+        assert swallows_interrupts.IMPORTED  # the import itself ran to its end
+        time.sleep(10)  # `guppylm chat` waiting at its prompt
+        return "never interrupted"
+
+    with pytest.raises(SystemExit) as exit:
+        run(action)
+    assert exit.value.code == 130 and capsys.readouterr().err == "guppylm: interrupted\n"
+
+
 def interrupted(argv, when, tmp_path):
     """Run `guppylm ARGV` with stdin open and silent; SIGINT once `when(stderr so far, seconds)` is true."""
     log = tmp_path / f"stderr-{time.monotonic_ns()}"
