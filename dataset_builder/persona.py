@@ -112,31 +112,48 @@ MAX_DEPTH = 20  # pools and choices inside each other
 MAX_COUNT = 10**15  # counts are estimates: "more than 10**15" is as good as the exact number
 MAX_EXPANSION = 2_000  # characters and slots in one expansion: a turn that long never fits a context
 MAX_WORK = 5_000_000  # template parts the checks visit, over all topics: each topic walks the shared pools again
-MAX_PATTERN = 32_000_000  # characters of the regex `Persona.producible` compiles (guppy's: about 14 million, ~40 s and 1.8 GB to compile)
+MAX_PATTERN = 20_000_000  # characters of the regex `Persona.producible` compiles (guppy's: about 7.8 million, ~20 s to compile)
 
 
-def fold(parts, pools, literal, options, sequence, memo=None, depth=0):
+def fold(parts, pools, literal, options, sequence, memo=None, depth=0, repeat=None):
     """A template evaluated bottom-up: `literal(text)` for text, `options([values])` for a slot's alternatives,
-    `sequence([values])` for parts in a row. Each pool is evaluated once (`memo`); ValueError for a slot naming an
+    `sequence([values])` for parts in a row, and, if given, `repeat(value, n)` for a pool named n times in a row
+    with only spaces between (see `_runs`). Each pool is evaluated once (`memo`); ValueError for a slot naming an
     unknown pool, or nesting deeper than MAX_DEPTH (a pool that refers to itself)."""
     memo = {} if memo is None else memo
     if depth > MAX_DEPTH:
         raise ValueError(f"pools nest more than {MAX_DEPTH} deep; does a pool refer to itself?")
     values = []
-    for part in parts:
+    for part, times in _runs(parts) if repeat else ((part, 1) for part in parts):
         if isinstance(part, str):
             values.append(literal(part))
             continue
         if isinstance(part, Ref) and part.name not in pools:
             raise ValueError(f"unknown pool '{part.name}'")
         if isinstance(part, Ref) and part.name in memo:
-            values.append(memo[part.name])
-            continue
-        value = options([fold(option, pools, literal, options, sequence, memo, depth + 1) for option in _options(part, pools)])
-        if isinstance(part, Ref):
-            memo[part.name] = value
-        values.append(value)
+            value = memo[part.name]
+        else:
+            value = options([fold(option, pools, literal, options, sequence, memo, depth + 1, repeat)
+                             for option in _options(part, pools)])
+            if isinstance(part, Ref):
+                memo[part.name] = value
+        values.append(repeat(value, times) if times > 1 else value)
     return sequence(values)
+
+
+def _runs(parts):
+    """Parts as (part, times): a pool named again right after itself with only spaces between is one run. The
+    pattern, which ignores spaces, writes the run's alternatives once with a count ("{chatter} {chatter} {chatter}"
+    in the chatter paragraphs: `(?:...){3}`), not n times."""
+    runs, i = [], 0
+    while i < len(parts):
+        part, times = parts[i], 1
+        while (isinstance(part, Ref) and i + 2 < len(parts) and isinstance(parts[i + 1], str)
+               and not parts[i + 1].strip() and parts[i + 2] == part):
+            times, i = times + 1, i + 2
+        runs.append((part, times))
+        i += 1
+    return runs
 
 
 def _capped_product(values):
@@ -169,12 +186,14 @@ def _literal_pattern(text):
 
 def pattern_size(parts, pools):
     """The length of `regex(parts, pools)`, computed without building it."""
-    return fold(parts, pools, lambda text: len(_literal_pattern(text)), lambda values: sum(values) + len(values) + 3, sum)
+    return fold(parts, pools, lambda text: len(_literal_pattern(text)), lambda values: sum(values) + len(values) + 3,
+                sum, repeat=lambda size, times: size + len(f"{{{times}}}"))
 
 
 def regex(parts, pools):
     """A regex source matching every expansion with whitespace removed and lowercased."""
-    return fold(parts, pools, _literal_pattern, lambda values: "(?:" + "|".join(values) + ")", "".join)
+    return fold(parts, pools, _literal_pattern, lambda values: "(?:" + "|".join(values) + ")", "".join,
+                repeat=lambda pattern, times: f"{pattern}{{{times}}}")  # a pool's pattern is one (?:...) group
 
 
 # --- the pack ------------------------------------------------------------------------------------
