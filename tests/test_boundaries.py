@@ -135,6 +135,19 @@ def test_every_exception_is_one_plain_line(error, line, capsys):
     assert one_line(capsys.readouterr().err, exit.value.code) == f"guppylm: error: {line}"
 
 
+def assert_interrupted(trigger, capsys):
+    """run() of `trigger()`, then a 10 s wait standing for `guppylm chat` at its prompt, ends in 130 and one line."""
+
+    def action():
+        trigger()
+        time.sleep(10)
+        return "never interrupted"
+
+    with pytest.raises(SystemExit) as exit:
+        run(action)
+    assert exit.value.code == 130 and capsys.readouterr().err == "guppylm: interrupted\n"
+
+
 def test_ctrl_c_inside_a_finalizer_still_interrupts(capsys):
     """CI, stop 21: Ctrl-C landed in a `__del__` while transformers imported; Python printed and dropped it, and
     `guppylm chat` waited at its prompt forever."""
@@ -143,14 +156,7 @@ def test_ctrl_c_inside_a_finalizer_still_interrupts(capsys):
         def __del__(self):
             signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
 
-    def action():
-        Finalized()
-        time.sleep(10)  # `guppylm chat` waiting at its prompt
-        return "never interrupted"
-
-    with pytest.raises(SystemExit) as exit:
-        run(action)
-    assert exit.value.code == 130 and capsys.readouterr().err == "guppylm: interrupted\n"
+    assert_interrupted(Finalized, capsys)  # the object is dropped at once
 
 
 def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path, monkeypatch, capsys):
@@ -160,16 +166,12 @@ def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path, monkeypatch, cap
         "import signal\ntry:\n    signal.raise_signal(signal.SIGINT)\nexcept BaseException:\n    pass\nIMPORTED = True\n")
     monkeypatch.syspath_prepend(tmp_path)
 
-    def action():
+    def import_it():
         import swallows_interrupts
 
         assert swallows_interrupts.IMPORTED  # the import itself ran to its end
-        time.sleep(10)  # `guppylm chat` waiting at its prompt
-        return "never interrupted"
 
-    with pytest.raises(SystemExit) as exit:
-        run(action)
-    assert exit.value.code == 130 and capsys.readouterr().err == "guppylm: interrupted\n"
+    assert_interrupted(import_it, capsys)
 
 
 def interrupted(argv, when, tmp_path):
