@@ -26,8 +26,8 @@ from common import bench_parser, median, peak_rss_mb, report, reset_peak_rss, se
 from guppylm.configuration_guppylm import PRESETS, GuppyConfig
 from guppylm.modeling_guppylm import GuppyForCausalLM
 from guppylm.data import Conversations, LengthGroupedBatches, collate, load_conversations
-from guppylm.tokenizer import build_tokenizer, conversation_texts
-from guppylm.train import REPLY_START_WEIGHT, TRAIN_PRESETS, UNK_RATE, weighted_lm_loss
+from guppylm.tokenizer import chat_tokenizer
+from guppylm.train import MIN_USER_WORD_COUNT, REPLY_START_WEIGHT, TRAIN_PRESETS, UNK_RATE, weighted_lm_loss
 from search_cpu_recipe import training_flops
 
 WINDOW = {"tiny": 50, "cpu": 20, "9m": 10}  # timed steps per repeat: ~1-10 s each on 2 idle CPU cores; x10 on a GPU
@@ -158,7 +158,7 @@ def main():
         split = build_dataset("guppy", num_samples=3000, test_size=100)["train"]
     else:
         split = load_conversations()["train"]
-    tokenizer = build_tokenizer(conversation_texts(split))
+    tokenizer = chat_tokenizer(split, min_user_word_count=MIN_USER_WORD_COUNT)  # as `guppylm train` builds it
     windows = {p: 2 if args.quick else WINDOW[p] * (10 if device.type == "cuda" else 1) for p in args.presets}
     warmup = 1 if args.quick else WARMUP
     encoded = {}  # max length -> Conversations, shared by the presets with the same context

@@ -61,12 +61,23 @@ def _backend(vocab=None):
     return tokenizer
 
 
-def build_tokenizer(texts: Iterable[str], model_max_length: int = 128, min_frequency: int = 1) -> PreTrainedTokenizerFast:
-    """Train the word-level vocabulary on `texts` and wrap it as a transformers fast tokenizer."""
+def build_tokenizer(
+    texts: Iterable[str], model_max_length: int = 128, rare_texts: Iterable[str] = (), min_frequency: int = 1
+) -> PreTrainedTokenizerFast:
+    """Train the word-level vocabulary and wrap it as a transformers fast tokenizer.
+
+    Every word of `texts` is learned; a word only `rare_texts` use is learned once it occurs `min_frequency` times
+    there (`chat_tokenizer` passes the replies and the users' turns).
+    """
     backend = _backend()
-    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency, show_progress=False)
     # role names are trained in explicitly: the chat template must never produce <unk> itself
-    backend.train_from_iterator([*ROLES, *texts], trainer=trainer)
+    backend.train_from_iterator([*ROLES, *texts], trainer=word_trainer(special_tokens=SPECIAL_TOKENS))
+    rare = _backend()
+    rare.train_from_iterator(rare_texts, trainer=word_trainer(min_frequency=min_frequency))
+    vocab, rare_vocab = backend.get_vocab(), rare.get_vocab()
+    for word in sorted(rare_vocab, key=rare_vocab.get):  # most frequent first, as the trainer orders them
+        vocab.setdefault(word, len(vocab))
+    backend.model = models.WordLevel(vocab=vocab, unk_token=UNK)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token=UNK,
@@ -81,6 +92,21 @@ def build_tokenizer(texts: Iterable[str], model_max_length: int = 128, min_frequ
     )
 
 
+def chat_tokenizer(dataset, model_max_length: int = 128, min_user_word_count: int = 1) -> PreTrainedTokenizerFast:
+    """The tokenizer training builds from a dataset with a `messages` column: every word of the replies, and the
+    words users say at least `min_user_word_count` times. A rarer one reads as <unk>, as a word never seen does in
+    chat, so the model learns what a message with unknown words asks (the guppy pack's `rare_*` pools), while every
+    word a reply needs stays speakable."""
+    return build_tokenizer(
+        conversation_texts(dataset, roles=("assistant", "system")), model_max_length,
+        rare_texts=conversation_texts(dataset, roles=("user",)), min_frequency=min_user_word_count,
+    )
+
+
+def word_trainer(**kwargs):
+    return trainers.WordLevelTrainer(show_progress=False, **kwargs)
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder, **kwargs):
     """`tokenizer.save_pretrained(folder)`, loadable by every transformers from 4.57 on without remote code.
 
@@ -93,11 +119,12 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder, **kwargs):
     path.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, ensure_ascii=False) + "\n")
 
 
-def conversation_texts(dataset) -> Iterable[str]:
-    """Every message text of a dataset with a `messages` column: the tokenizer's training corpus."""
+def conversation_texts(dataset, roles=None) -> Iterable[str]:
+    """Every message text (of `roles`, default all) of a dataset with a `messages` column: the tokenizer's corpus."""
     for messages in dataset["messages"]:
         for message in messages:
-            yield message["content"]
+            if roles is None or message["role"] in roles:
+                yield message["content"]
 
 
 def turn_headers(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:

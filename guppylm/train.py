@@ -29,17 +29,18 @@ from guppylm import PRESETS, GuppyConfig, GuppyForCausalLM  # registered, so sav
 from guppylm.checkpoints import check_checkpoints, checkpoint_dir, latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint, start_checkpoints
 from guppylm.data import Conversations, LengthGroupedBatches, checked_conversations, collate, load_conversations, micro_batches
 from guppylm.folders import FolderKind, check_output_folder, writing_folder
-from guppylm.tokenizer import build_tokenizer, conversation_texts, save_tokenizer
+from guppylm.tokenizer import chat_tokenizer, save_tokenizer
 from guppylm.validate import number
 
 # Optimization settings per size preset (the architectures are in configuration_guppylm.PRESETS).
 # "cpu" was chosen by bench/search_cpu_recipe.py: see the README for the measurements behind it.
 TRAIN_PRESETS = {
     "9m": dict(batch_size=64, learning_rate=1e-3, max_steps=3000, warmup_steps=100),
-    "cpu": dict(batch_size=32, learning_rate=3e-3, max_steps=5000, warmup_steps=30),
+    "cpu": dict(batch_size=32, learning_rate=3e-3, max_steps=4500, warmup_steps=30),
     "tiny": dict(batch_size=16, learning_rate=5e-3, max_steps=60, warmup_steps=5),
 }
 UNK_RATE = 0.25  # fraction of user tokens hidden as <unk> (data.Conversations)
+MIN_USER_WORD_COUNT = 3  # a word users say fewer times in the train split is not learned: it reads as <unk>
 REPLY_START_WEIGHT = 5.0  # loss weight of the reply's first token (weighted_lm_loss)
 EVAL_BATCHES, EVAL_BATCH_SIZE = 20, 64  # the periodic test loss reads the first 20 batches of 64 test conversations
 # What `guppylm train` writes into a model folder; training_summary.json says "guppylm wrote this folder".
@@ -80,6 +81,7 @@ class Recipe:
     gradient_accumulation_steps: int = 1
     weight_decay: float = 0.1  # on matrices only
     unk_rate: float = UNK_RATE
+    min_user_word_count: int = MIN_USER_WORD_COUNT
     reply_start_weight: float = REPLY_START_WEIGHT
     seed: int = 42
     config_overrides: dict = None  # changes to the preset's architecture (bench/ searches with it)
@@ -103,6 +105,7 @@ class Recipe:
         checked("learning_rate", self.learning_rate, 0, 1, integer=False, above=True)
         checked("weight_decay", self.weight_decay, 0, 1, integer=False)
         checked("unk_rate", self.unk_rate, 0, 1, integer=False, below=True)  # 1 would hide every user word
+        checked("min_user_word_count", self.min_user_word_count, 1)
         checked("reply_start_weight", self.reply_start_weight, 0, 100, integer=False)
         checked("seed", self.seed, 0, 2**32 - 1)  # numpy's seed range, which set_seed seeds too
 
@@ -167,7 +170,7 @@ def prepare_data(recipe, pack, context, accelerator):
         data = load_conversations(recipe.dataset, persona=pack, seed=recipe.seed)
     where = f"dataset {recipe.dataset or pack.name!r}"
     train_rows = checked_conversations(data["train"], f"{where}, split 'train'", context)
-    tokenizer = build_tokenizer(conversation_texts({"messages": train_rows}), model_max_length=context)
+    tokenizer = chat_tokenizer({"messages": train_rows}, context, recipe.min_user_word_count)
     train = Conversations(train_rows, tokenizer, context, unk_rate=recipe.unk_rate, seed=recipe.seed)
     step_batch = recipe.step_batch_size(accelerator.num_processes)
     batches = LengthGroupedBatches([len(s) for s in train.samples], step_batch, recipe.seed)

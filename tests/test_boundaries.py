@@ -66,6 +66,7 @@ BAD_NUMBERS = [  # issue 20: division by zero (the last two after checkpoints we
     ("train --max-steps 0", "argument --max-steps: must be a whole number 1 or more"),
     ("train --unk-rate 2", "argument --unk-rate: must be a number at least 0 and below 1, not '2'"),
     ("train --unk-rate 1", "argument --unk-rate: must be a number at least 0 and below 1, not '1'"),
+    ("train --min-user-word-count 0", "argument --min-user-word-count: must be a whole number 1 or more, not '0'"),
     ("train --learning-rate nan", "argument --learning-rate: must be a number above 0 and at most 1, not 'nan'"),
     ("train --seed -1", "argument --seed: must be a whole number between 0 and 4294967295"),
     ("chat --temperature inf", "argument --temperature: must be a number between 0.05 and 2.0, not 'inf'"),

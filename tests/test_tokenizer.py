@@ -2,7 +2,7 @@
 
 import pytest
 
-from guppylm.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer, conversation_texts, normalize, turn_headers
+from guppylm.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer, chat_tokenizer, conversation_texts, normalize, turn_headers
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,36 @@ def test_case_spacing_and_unknown_input_never_vanish_or_crash(tokenizer):
         assert ids, odd[:20]
         assert all(i != tokenizer.pad_token_id for i in ids)
     assert tokenizer("🦖 food")["input_ids"] == [tokenizer.unk_token_id, tokenizer.convert_tokens_to_ids("▁food")]
+
+
+def test_a_word_users_rarely_say_reads_as_unk_and_every_reply_word_is_kept():
+    """Training's tokenizer learns a user-only word from its `min_frequency`-th use on; reply words always."""
+    replies = ["food is good.", "humans are strange."]
+    users = ["do you like food?"] * 3 + ["what is calculus?", "what is calculus?", "who is einstein?", "strange?"]
+    tokenizer = build_tokenizer(replies, rare_texts=users, min_frequency=3)
+    known = lambda word: tokenizer.convert_tokens_to_ids(f"▁{word}") != tokenizer.unk_token_id
+    assert [known(w) for w in ["food", "humans", "strange", "like", "is"]] == [True] * 5  # reply words, or 3+ uses
+    assert [known(w) for w in ["calculus", "einstein", "who"]] == [False] * 3  # two uses, one
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == SPECIAL_TOKENS
+    assert tokenizer.get_vocab().keys() == build_tokenizer(replies + users[:3]).get_vocab().keys()
+
+
+def test_the_packs_rare_words_read_as_unk_in_the_tokenizer_training_builds(dataset):
+    """guppy's rare_* pools exist to put unknown words in human frames: their one-word things ("risotto",
+    "calculus") must nearly all be <unk> to training's tokenizer (a few are drawn three times, or said elsewhere,
+    and learned), while every reply word is known."""
+    import yaml
+
+    from dataset_builder import load_persona
+    from guppylm.train import MIN_USER_WORD_COUNT
+
+    tokenizer = chat_tokenizer(dataset["train"], min_user_word_count=MIN_USER_WORD_COUNT)
+    pools = yaml.safe_load(load_persona("guppy").source.read_text())["pools"]
+    rare = [item for name, items in pools.items() if name.startswith("rare_") for item in items if " " not in item]
+    unknown = [word for word in rare if tokenizer.convert_tokens_to_ids(f"▁{word}") == tokenizer.unk_token_id]
+    assert len(rare) > 150 and len(unknown) > 0.85 * len(rare), sorted(set(rare) - set(unknown))  # seed 0: 90 %
+    replies = tokenizer(list(conversation_texts(dataset["train"], roles=("assistant",))), add_special_tokens=False)
+    assert all(tokenizer.unk_token_id not in ids for ids in replies["input_ids"])
 
 
 def test_special_tokens_and_roles_have_fixed_ids_and_known_words(tokenizer):

@@ -248,6 +248,7 @@ def test_an_accelerate_config_file_decides_the_precision(tmp_path, dataset_600):
         ("checkpoint_every", 0, "checkpoint_every must be a whole number 1 or more, not 0"),
         ("max_steps", 0, "max_steps must be a whole number 1 or more, not 0"),
         ("unk_rate", 1, "unk_rate must be a number at least 0 and below 1, not 1"),
+        ("min_user_word_count", 0, "min_user_word_count must be a whole number 1 or more, not 0"),
         ("learning_rate", 0.0, "learning_rate must be a number above 0 and at most 1, not 0.0"),
         ("warmup_steps", 100, "warmup_steps must be a whole number between 0 and 60, not 100"),
         ("reply_start_weight", float("nan"), "reply_start_weight must be a number between 0 and 100, not nan"),
