@@ -19,7 +19,7 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def chats():
+def built():
     """A small built dataset: the guppy pack's real builder, 120 conversations, the `messages` column only."""
     from dataset_builder import build_dataset
 
@@ -27,8 +27,17 @@ def chats():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(chats):
-    return build_tokenizer(conversation_texts(chats), model_max_length=64)
+def tokenizer(built):
+    return build_tokenizer(conversation_texts(built), model_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def chats(built, tokenizer):
+    """The conversations that fit the tiny model's 64 positions (the pack's long messages run to ~100 tokens)."""
+    length = lambda row: len(tokenizer.apply_chat_template(row["messages"], return_dict=True)["input_ids"])
+    fitting = built.filter(lambda row: length(row) <= tokenizer.model_max_length)
+    assert len(fitting) > 0.8 * len(built)
+    return fitting
 
 
 def tiny_model(tokenizer):
