@@ -6,7 +6,7 @@ installed here (the CPU wheel: PyPI's older torch wheels for Linux are the CUDA 
 environment is made once per set of requirements under ~/.cache/guppylm/compat (matrix.venv), and this checkout
 runs from PYTHONPATH, so what passes is this tree's code with those versions.
 
-    python tests/compat/lowest.py                                # the fast tests: -m "not slow and not browser"
+    python tests/compat/lowest.py                                # the fast tests, on 2 workers (pytest-xdist)
     python tests/compat/lowest.py tests/test_model.py -k cache    # any pytest arguments instead
 """
 
@@ -24,7 +24,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["-m", "not slow and not browser"]
+# The fast tests are small models and short-lived processes, one thread each: two workers on two cores halve the wall
+# time, and each builds the session fixtures (a tiny trained model, a small dataset) for itself.
+FAST = ["-m", "not slow and not browser", "-n", "2"]
 
 
 def declared():
