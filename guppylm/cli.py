@@ -174,7 +174,7 @@ def add_train_command(sub):
     train.add_argument("--warmup-steps", type=Number(int, 0), default=None)
     train.add_argument("--gradient-accumulation-steps", type=COUNT, default=None)
     train.add_argument("--unk-rate", type=Number(float, 0, 1, high_open=True), default=None, help="fraction of user tokens hidden as <unk> (default 0.25)")
-    train.add_argument("--min-user-word-count", type=COUNT, default=None, help="a word users say fewer times in the training data is read as <unk> (default 3)")
+    train.add_argument("--min-user-word-count", type=COUNT, default=None, help="a word users say fewer times in the training data is read as <unk> (default 8)")
     train.add_argument("--reply-start-weight", type=Number(float, 0, 100), default=None, help="loss weight of the reply's first token, which names the topic (default 5)")
     train.add_argument("--eval-every", type=COUNT, default=None, help="steps between held-out losses (default 250)")
     train.add_argument("--checkpoint-every", type=COUNT, default=None, help="steps between checkpoints (default 500)")

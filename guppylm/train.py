@@ -40,7 +40,7 @@ TRAIN_PRESETS = {
     "tiny": dict(batch_size=16, learning_rate=5e-3, max_steps=60, warmup_steps=5),
 }
 UNK_RATE = 0.25  # fraction of user tokens hidden as <unk> (data.Conversations)
-MIN_USER_WORD_COUNT = 3  # a word users say fewer times in the train split is not learned: it reads as <unk>
+MIN_USER_WORD_COUNT = 8  # a word users say fewer times in the train split is not learned: it reads as <unk>
 REPLY_START_WEIGHT = 5.0  # loss weight of the reply's first token (weighted_lm_loss)
 EVAL_BATCHES, EVAL_BATCH_SIZE = 20, 64  # the periodic test loss reads the first 20 batches of 64 test conversations
 # What `guppylm train` writes into a model folder; training_summary.json says "guppylm wrote this folder".
