@@ -256,7 +256,8 @@ def test_guppy_has_natural_prompts_of_every_kind():
     assert set(guppy.kinds) == {"opener", "long", "off_domain", "noisy", "own_feelings", "distractor"}
     natural = Counter(case.kind for case in guppy.eval_cases("natural"))  # counted, never read: the split is blind
     # openers are short and formulaic ("how are you?"), so the pack's opener phrasings produce many of the authors'
-    # and those are dropped (a producible prompt may be in the training data): 17 of 36 are left in round 4
+    # and those are dropped (a producible prompt may be in the training data): 17 of 36 were left in round 4, so
+    # round 5's authors were asked for personal openers (all 36 kept)
     assert sum(natural.values()) >= 120 and set(natural) == set(guppy.kinds) and min(natural.values()) >= 10
     assert "natural" in guppy.blind
     dev = Counter(case.kind for case in guppy.eval_cases("dev"))
@@ -305,7 +306,7 @@ def test_second_pack_builds_in_its_own_style():
 def test_check_report():
     report = check_persona("guppy")
     assert "61 topics" in report and "hot_water" in report
-    assert re.search(r"^natural: 1\d\d prompts \(.*\); none of them can be produced by the phrasings$", report, re.M)
+    assert re.search(r"^natural: [1-9]\d\d prompts \(.*\); none of them can be produced by the phrasings$", report, re.M)
 
 
 def test_scaffold_is_a_valid_pack_that_builds(tmp_path):
