@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from common import bench_parser, peak_rss_mb, plot, report, reset_peak_rss, setup
-from guppylm.train import TRAIN_PRESETS, train
+from guppylm.recipe import TRAIN_PRESETS
+from guppylm.train import train
 
 NEVER = 10**9  # eval_every / checkpoint_every: no periodic held-out loss or checkpoints inside the timed loop
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import bench_parser, check, median, plot, report, setup
-from guppylm.train import TRAIN_PRESETS
+from guppylm.recipe import TRAIN_PRESETS
 
 BUDGETS = {"cpu": [500, 1000, 2000, 3000], "9m": [250, 500, 1000, 2000, 3000], "tiny": [20, 40, 60]}
 TARGETS = {"cpu": ("the cpu recipe end to end <= 300 s on 2 cores", 300), "9m": ("the 9m recipe to the quality bar in <= 60 s on one H100", 60)}

@@ -27,7 +27,8 @@ from guppylm.configuration_guppylm import PRESETS, GuppyConfig
 from guppylm.modeling_guppylm import GuppyForCausalLM
 from guppylm.data import Conversations, LengthGroupedBatches, collate, load_conversations
 from guppylm.tokenizer import chat_tokenizer
-from guppylm.train import MIN_USER_WORD_COUNT, REPLY_START_WEIGHT, TRAIN_PRESETS, UNK_RATE, weighted_lm_loss
+from guppylm.recipe import MIN_USER_WORD_COUNT, REPLY_START_WEIGHT, TRAIN_PRESETS, UNK_RATE
+from guppylm.train import weighted_lm_loss
 from search_cpu_recipe import training_flops
 
 WINDOW = {"tiny": 50, "cpu": 20, "9m": 10}  # timed steps per repeat: ~1-10 s each on 2 idle CPU cores; x10 on a GPU

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from guppylm import recipe
 from guppylm.folders import FolderKind, writing_folder
 from guppylm.validate import LIMITS, describe_range, number
 
@@ -173,12 +174,12 @@ def add_train_command(sub):
     train.add_argument("--learning-rate", type=Number(float, 0, 1, low_open=True), default=None)
     train.add_argument("--warmup-steps", type=Number(int, 0), default=None)
     train.add_argument("--gradient-accumulation-steps", type=COUNT, default=None)
-    train.add_argument("--unk-rate", type=Number(float, 0, 1, high_open=True), default=None, help="fraction of user tokens hidden as <unk> (default 0.25)")
-    train.add_argument("--min-user-word-count", type=COUNT, default=None, help="a word users say fewer times in the training data is read as <unk> (default 8)")
-    train.add_argument("--reply-start-weight", type=Number(float, 0, 100), default=None, help="loss weight of the reply's first token, which names the topic (default 5)")
-    train.add_argument("--eval-every", type=COUNT, default=None, help="steps between held-out losses (default 250)")
-    train.add_argument("--checkpoint-every", type=COUNT, default=None, help="steps between checkpoints (default 500)")
-    train.add_argument("--seed", type=SEED, default=None, help="(default 42)")
+    train.add_argument("--unk-rate", type=Number(float, 0, 1, high_open=True), default=None, help=f"fraction of user tokens hidden as <unk> (default {recipe.UNK_RATE:g})")
+    train.add_argument("--min-user-word-count", type=COUNT, default=None, help=f"a word users say fewer times in the training data is read as <unk> (default {recipe.MIN_USER_WORD_COUNT})")
+    train.add_argument("--reply-start-weight", type=Number(float, 0, 100), default=None, help=f"loss weight of the reply's first token, which names the topic (default {recipe.REPLY_START_WEIGHT:g})")
+    train.add_argument("--eval-every", type=COUNT, default=None, help=f"steps between held-out losses (default {recipe.EVAL_EVERY})")
+    train.add_argument("--checkpoint-every", type=COUNT, default=None, help=f"steps between checkpoints (default {recipe.CHECKPOINT_EVERY})")
+    train.add_argument("--seed", type=SEED, default=None, help=f"(default {recipe.SEED})")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint (in OUTPUT_DIR.checkpoints)")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run's model folder or checkpoints")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")

@@ -25,23 +25,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_cosine_schedule_with_warmup
 
-from guppylm import PRESETS, GuppyConfig, GuppyForCausalLM  # registered, so save_pretrained copies their code
+from guppylm import GuppyConfig, GuppyForCausalLM  # registered, so save_pretrained copies their code
 from guppylm.checkpoints import check_checkpoints, checkpoint_dir, latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint, start_checkpoints
 from guppylm.data import Conversations, LengthGroupedBatches, checked_conversations, collate, load_conversations, micro_batches
 from guppylm.folders import FolderKind, check_output_folder, writing_folder
+from guppylm.recipe import CHECKPOINT_EVERY, EVAL_EVERY, Recipe, checked
 from guppylm.tokenizer import chat_tokenizer, save_tokenizer
-from guppylm.validate import number
 
-# Optimization settings per size preset (the architectures are in configuration_guppylm.PRESETS).
-# "cpu" was chosen by bench/search_cpu_recipe.py: see the README for the measurements behind it.
-TRAIN_PRESETS = {
-    "9m": dict(batch_size=64, learning_rate=1e-3, max_steps=3000, warmup_steps=100),
-    "cpu": dict(batch_size=32, learning_rate=3e-3, max_steps=4500, warmup_steps=30),
-    "tiny": dict(batch_size=16, learning_rate=5e-3, max_steps=60, warmup_steps=5),
-}
-UNK_RATE = 0.25  # fraction of user tokens hidden as <unk> (data.Conversations)
-MIN_USER_WORD_COUNT = 8  # a word users say fewer times in the train split is not learned: it reads as <unk>
-REPLY_START_WEIGHT = 5.0  # loss weight of the reply's first token (weighted_lm_loss)
 EVAL_BATCHES, EVAL_BATCH_SIZE = 20, 64  # the periodic test loss reads the first 20 batches of 64 test conversations
 # What `guppylm train` writes into a model folder; training_summary.json says "guppylm wrote this folder".
 # ("checkpoints" is where earlier versions kept them, inside the folder: --overwrite drops them.)
@@ -52,70 +42,6 @@ MODEL_FOLDER = FolderKind(
      "special_tokens_map.json", "generation_config.json", "README.md", "loss_curve.png", "training_summary.json",
      "persona.yaml", "checkpoints"),
 )
-
-
-# --- the recipe: every number checked before anything is touched ---------------------------------------------------
-
-
-def default_preset():
-    return "9m" if torch.cuda.is_available() else "cpu"
-
-
-def checked(name, value, low, high=None, integer=True, above=False, below=False):
-    """`value` if it is a number (an integer when `integer`) in the range, else a ValueError naming the range."""
-    number(name, value, low, high, whole=integer, strict=True, low_open=above, high_open=below)
-    return value
-
-
-@dataclass
-class Recipe:
-    """What decides the trained weights: data, model size and optimization. None takes the preset's value."""
-
-    preset: str = None  # cpu, 9m or tiny (default: cpu, or 9m with a GPU)
-    dataset: str = None  # a dataset folder or Hub repo id (default: build the persona's)
-    persona: str = "guppy"  # a pack name or a path to a pack file: the default dataset and the evaluation prompts
-    max_steps: int = None  # optimizer steps
-    batch_size: int = None  # conversations per process and micro-batch
-    learning_rate: float = None  # peak, after warmup; cosine decay to 0 at max_steps
-    warmup_steps: int = None
-    gradient_accumulation_steps: int = 1
-    weight_decay: float = 0.1  # on matrices only
-    unk_rate: float = UNK_RATE
-    min_user_word_count: int = MIN_USER_WORD_COUNT
-    reply_start_weight: float = REPLY_START_WEIGHT
-    seed: int = 42
-    config_overrides: dict = None  # changes to the preset's architecture (bench/ searches with it)
-
-    def __post_init__(self):
-        self.preset = self.preset or default_preset()
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        preset = TRAIN_PRESETS[self.preset]
-        for key in ("batch_size", "learning_rate", "max_steps"):
-            if getattr(self, key) is None:
-                setattr(self, key, preset[key])
-        self.dataset = None if self.dataset is None else str(self.dataset)
-        self.persona = str(self.persona)
-        checked("max_steps", self.max_steps, 1)
-        if self.warmup_steps is None:  # the preset's, within a short run
-            self.warmup_steps = min(preset["warmup_steps"], self.max_steps)
-        checked("batch_size", self.batch_size, 1)
-        checked("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
-        checked("warmup_steps", self.warmup_steps, 0, self.max_steps)
-        checked("learning_rate", self.learning_rate, 0, 1, integer=False, above=True)
-        checked("weight_decay", self.weight_decay, 0, 1, integer=False)
-        checked("unk_rate", self.unk_rate, 0, 1, integer=False, below=True)  # 1 would hide every user word
-        checked("min_user_word_count", self.min_user_word_count, 1)
-        checked("reply_start_weight", self.reply_start_weight, 0, 100, integer=False)
-        checked("seed", self.seed, 0, 2**32 - 1)  # numpy's seed range, which set_seed seeds too
-
-    def step_batch_size(self, processes):
-        """Conversations per optimizer step: per process and micro-batch, times processes, times accumulation."""
-        return self.batch_size * processes * self.gradient_accumulation_steps
-
-    def json(self):
-        """The recipe as JSON types, as checkpoints record it."""
-        return json.loads(json.dumps(asdict(self)))
 
 
 def choose_precision(requested):
@@ -349,7 +275,7 @@ def run_loop(model, optimizer, scheduler, data, recipe, progress, accelerator, o
 # --- the run ----------------------------------------------------------------------------------------------------
 
 
-def train(output_dir="runs/guppy", resume=False, overwrite=False, eval_every=250, checkpoint_every=500,
+def train(output_dir="runs/guppy", resume=False, overwrite=False, eval_every=EVAL_EVERY, checkpoint_every=CHECKPOINT_EVERY,
           mixed_precision=None, compile=False, run_eval=True, **recipe):
     """Train a model and write a complete `save_pretrained` folder to `output_dir`. Returns the summary dict.
 

@@ -486,7 +486,8 @@ def _tmpfs(path, size):
 
 
 def test_a_full_disk_fails_before_training_and_leaves_nothing(tmp_path):
-    from guppylm.train import Recipe, check_folders
+    from guppylm.recipe import Recipe
+    from guppylm.train import check_folders
 
     disk = _tmpfs(tmp_path / "disk", "512k")
     try:

@@ -66,7 +66,7 @@ def test_the_packs_rare_words_read_as_unk_in_the_tokenizer_training_builds(datas
     import yaml
 
     from dataset_builder import load_persona
-    from guppylm.train import MIN_USER_WORD_COUNT
+    from guppylm.recipe import MIN_USER_WORD_COUNT
 
     tokenizer = chat_tokenizer(dataset["train"], min_user_word_count=MIN_USER_WORD_COUNT)
     pools = yaml.safe_load(load_persona("guppy").source.read_text())["pools"]
