@@ -180,21 +180,36 @@ def test_resume_across_an_epoch_boundary_with_accumulation_is_bit_identical_and_
     assert not checkpoint_dir(out).exists()
 
 
-@pytest.mark.slow
-def test_two_processes_train_on_the_one_process_schedule_and_track_its_losses(tmp_path, dataset_600):
-    """A real `accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo), batch 16 each, against one process
-    with batch 32, 24 steps over an epoch boundary and a checkpoint. Both train on the same 32 conversations per step,
-    so the losses differ only by float rounding in the all-reduce: measured 1e-6 apart (2 cores shared by several
-    processes), where another seed's data order moves them by up to 0.1. The tolerance, 1e-3, sits between."""
-    steps, options = 24, ("--preset", "tiny", "--dataset", dataset_600, "--no-eval", "--eval-every", "1000000", "--max-steps", "24")
-    one = train(output_dir=str(tmp_path / "one"), dataset=str(dataset_600), max_steps=steps, batch_size=32, **QUIET)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "guppylm.train", *map(str, options),
-               "--batch-size", "16", "--checkpoint-every", "10", "--output-dir", str(tmp_path / "two")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def launch_two_processes(dataset, output_dir, *extra, program=("-m", "guppylm.train")):
+    """`accelerate launch` of 2 CPU processes (gloo), batch 16 each, 24 tiny steps with a checkpoint every 10."""
+    options = ["--preset", "tiny", "--dataset", str(dataset), "--no-eval", "--eval-every", "1000000", "--max-steps", "24",
+               "--batch-size", "16", "--checkpoint-every", "10", "--output-dir", str(output_dir), *extra]  # fmt: skip
+    return subprocess.run([*TWO_PROCESSES, *program, *options], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, dataset_600):
+    """A finished 2-process run, uninterrupted: its model folder."""
+    folder = tmp_path_factory.mktemp("two-processes") / "model"
+    result = launch_two_processes(dataset_600, folder)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes 2 | device cpu" in result.stdout and "batch 16 x 2 proc x 1 accum = 32" in result.stdout
-    two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    return folder
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_the_one_process_schedule_and_track_its_losses(tmp_path, dataset_600, two_process_run):
+    """A real `accelerate launch --multi_gpu --num_processes 2` on the CPU against one process with batch 32, 24 steps
+    over an epoch boundary and a checkpoint. Both train on the same 32 conversations per step, so the losses differ
+    only by float rounding in the all-reduce: measured 1e-6 apart (2 cores shared by several processes), where
+    another seed's data order moves them by up to 0.1. The tolerance, 1e-3, sits between."""
+    steps = 24
+    one = train(output_dir=str(tmp_path / "one"), dataset=str(dataset_600), max_steps=steps, batch_size=32, **QUIET)
+    two = json.loads((two_process_run / "training_summary.json").read_text())
     assert two["processes"] == 2 and two["steps"] == steps and two["tokens"] == one["tokens"]
 
     optimizer = torch.optim.SGD([torch.zeros(1)], lr=one["learning_rate"])
@@ -207,6 +222,42 @@ def test_two_processes_train_on_the_one_process_schedule_and_track_its_losses(tm
     assert two["history"]["learning_rate"] == one["history"]["learning_rate"] == expected
     assert two["final_learning_rate"] == one["final_learning_rate"] == 0.0  # the cosine's end, reached once
     assert max(abs(a - b) for a, b in zip(two["history"]["train_loss"], one["history"]["train_loss"])) < 1e-3
+
+
+STOP_AFTER_FIRST_CHECKPOINT = """
+import sys
+from guppylm import train as training
+from guppylm.cli import main
+
+save_checkpoint = training.save_checkpoint
+
+def save_then_interrupt(*args, **kwargs):  # both processes: Ctrl-C right after the step-10 checkpoint
+    save_checkpoint(*args, **kwargs)
+    raise KeyboardInterrupt
+
+training.save_checkpoint = save_then_interrupt
+main(["train", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bit_identical_to_an_uninterrupted_run(tmp_path, dataset_600, two_process_run):
+    """Both processes stop right after the step-10 checkpoint; `accelerate launch ... --resume` finishes the run with
+    the uninterrupted run's weights, bit for bit, and its losses (each process restores its own RNG and data place)."""
+    stop = tmp_path / "stop_after_first_checkpoint.py"
+    stop.write_text(STOP_AFTER_FIRST_CHECKPOINT)
+    out = tmp_path / "model"
+    interrupted = launch_two_processes(dataset_600, out, program=(str(stop),))
+    assert interrupted.returncode != 0 and not out.exists()
+    assert (checkpoint_dir(out) / "step-0000010" / "training_state.json").is_file()
+
+    resumed = launch_two_processes(dataset_600, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoint_dir(out) / 'step-0000010'} at step 10" in resumed.stdout
+    a, b = load_file(two_process_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight, summary = (json.loads((folder / "training_summary.json").read_text()) for folder in (two_process_run, out))
+    assert summary["history"] == straight["history"] and summary["resumed_at_steps"] == [10]
 
 
 # --- precision --------------------------------------------------------------------------------------------------
