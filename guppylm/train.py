@@ -2,7 +2,7 @@
 
 Runs as `guppylm train ...` or under Accelerate: `accelerate launch -m guppylm.train ...`. Accelerate handles
 devices, mixed precision, data-parallel gradients and checkpoint state; transformers gives the schedule; torch
-gives AdamW. What is left here is the recipe, the loop and the summary:
+gives AdamW; the recipe and its defaults are in recipe.py. What is left here is the loop and the summary:
 
     train()  =  Recipe (checked)  ->  folders (checked)  ->  prepare_data  ->  build_model  ->  run_loop  ->  save_model_folder
 
