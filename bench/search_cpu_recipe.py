@@ -23,7 +23,8 @@ SMALL = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, interm
 MEDIUM = dict(num_hidden_layers=3, hidden_size=192, num_attention_heads=4, intermediate_size=768)
 WIDE = dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=4, intermediate_size=768)
 CANDIDATES = {
-    "2x128 b32 4500 (chosen)": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=4500)),
+    "2x128 b32 4000 (chosen)": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=4000)),
+    "2x128 b32 4500": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=4500)),
     "2x128 b32 5000": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=5000)),
     "2x128 b32 5000 w1": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=5000, reply_start_weight=1.0)),
     "2x128 b32 5000 w10": (SMALL, dict(learning_rate=3e-3, batch_size=32, max_steps=5000, reply_start_weight=10.0)),

@@ -107,7 +107,7 @@ def expand(parts, rng, pools):
 # expansions of a single text. So the walks below evaluate each pool once (a fan-out pack costs its size, not
 # its expansions), counts stop growing at MAX_COUNT, and a pack is refused whose texts or pattern outgrow
 # MAX_EXPANSION or MAX_PATTERN.
-MAX_SAMPLES = 10_000_000  # conversations in one dataset (guppy's: 60,000)
+MAX_SAMPLES = 10_000_000  # conversations in one dataset (guppy's: 150,000)
 MAX_DEPTH = 20  # pools and choices inside each other
 MAX_COUNT = 10**15  # counts are estimates: "more than 10**15" is as good as the exact number
 MAX_EXPANSION = 2_000  # characters and slots in one expansion: a turn that long never fits a context
@@ -265,7 +265,9 @@ class Persona:
         user = tidy(user)
         if rng.random() < self.capitalize_rate:
             user = user[:1].upper() + user[1:]
-        for _ in range(10):  # a draw may run long or repeat itself ("i hide. i hide."): draw again
+        # a draw may run long or repeat itself ("i hide. i hide."): draw again. Guppy's `excited` replies failed ten
+        # draws in a row once in a 150,000-conversation build, so a pack gets a hundred before it is called broken
+        for _ in range(100):
             reply = tidy(pick(topic.replies))
             problem = self.style_problem(reply) or ("repeats a sentence or a 3-word phrase" if repeats(reply) else None)
             if problem is None:

@@ -13,7 +13,7 @@ from guppylm.validate import number
 # "cpu" was chosen by bench/search_cpu_recipe.py: see the README for the measurements behind it.
 TRAIN_PRESETS = {
     "9m": dict(batch_size=64, learning_rate=1e-3, max_steps=3000, warmup_steps=100),
-    "cpu": dict(batch_size=32, learning_rate=3e-3, max_steps=4500, warmup_steps=30),
+    "cpu": dict(batch_size=32, learning_rate=3e-3, max_steps=4000, warmup_steps=30),
     "tiny": dict(batch_size=16, learning_rate=5e-3, max_steps=60, warmup_steps=5),
 }
 UNK_RATE = 0.25  # fraction of user tokens hidden as <unk> (data.Conversations)

@@ -19,7 +19,7 @@ def persona():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, persona):
-    """The full default build (60,000 conversations), saved once for the whole module."""
+    """The full default build (150,000 conversations), saved once for the whole module."""
     folder = tmp_path_factory.mktemp("guppy")
     dataset = build_dataset(persona)
     save_dataset(dataset, persona, folder)
@@ -33,7 +33,7 @@ def columns(built):
 
 def test_sizes_and_features(built, persona):
     dataset, _ = built
-    assert {name: len(split) for name, split in dataset.items()} == {"train": 57_000, "test": 3_000}
+    assert {name: len(split) for name, split in dataset.items()} == {"train": 147_000, "test": 3_000}
     features = dataset["train"].features
     assert features["messages"] == List({"role": Value("string"), "content": Value("string")})
     assert features["input"] == features["output"] == Value("string")
@@ -47,7 +47,7 @@ def test_topics_all_present_and_shared_by_weight(columns, persona):
     numbers: within one of the exact share in each of the two draws (all samples, test) train is the difference of."""
     weights = [persona.specs[topic].weight for topic in persona.topics]
     assert len(set(weights)) > 1  # the pack's shares are unequal, so this checks the weighting
-    for name, total in (("train", 57_000), ("test", 3_000)):
+    for name, total in (("train", 147_000), ("test", 3_000)):
         counts = Counter(columns[name]["topic"])
         assert sorted(counts) == list(range(len(persona.topics)))
         assert all(abs(counts[i] - total * weight / sum(weights)) < 2 for i, weight in enumerate(weights))
@@ -96,7 +96,7 @@ def test_card_metadata_matches_the_data(built, columns, persona):
     text = (folder / "README.md").read_text()
     meta = yaml.safe_load(text.split("---")[1])
     assert meta["license"] == "mit" and meta["language"] == "en" and meta["task_categories"] == ["text-generation"]
-    assert meta["size_categories"] == "10K<n<100K" and meta["pretty_name"] == "Guppy conversations"
+    assert meta["size_categories"] == "100K<n<1M" and meta["pretty_name"] == "Guppy conversations"
     assert meta["configs"] == [
         {
             "config_name": "default",
@@ -104,7 +104,7 @@ def test_card_metadata_matches_the_data(built, columns, persona):
         }
     ]
     info = meta["dataset_info"]
-    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 57_000, "test": 3_000}
+    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 147_000, "test": 3_000}
     topic = next(f for f in info["features"] if f["name"] == "topic")
     assert list(topic["dtype"]["class_label"]["names"].values()) == persona.topics
     for heading in ("## Persona", "## Topics", "## How it was generated", "## Statistics", "## Limitations"):
@@ -123,7 +123,7 @@ def test_load_dataset_in_a_fresh_process(built, persona):
     )
     result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["57000", "3000", persona.topics[2], "assistant"]
+    assert result.stdout.split() == ["147000", "3000", persona.topics[2], "assistant"]
 
 
 def test_save_to_disk_round_trip(tmp_path):

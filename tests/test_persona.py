@@ -241,7 +241,7 @@ def test_shipped_packs():
     assert {"guppy", "bolt"} <= set(packs) and all(d and "\n" not in d for d in packs.values())
     guppy = load_persona("guppy")
     assert len(guppy.topics) == 61 and guppy.lowercase and guppy.max_words == 25
-    assert (guppy.num_samples, guppy.test_size) == (60_000, 3_000)
+    assert (guppy.num_samples, guppy.test_size) == (150_000, 3_000)
     for name, min_cases in (("guppy", 60), ("bolt", 30)):
         persona = load_persona(name)
         cases = persona.eval_cases()
