@@ -18,6 +18,12 @@ def persona():
 
 
 @pytest.fixture(scope="module")
+def sizes(persona):
+    """Rows per split of the default build (test_persona pins the pack's numbers themselves)."""
+    return {"train": persona.num_samples - persona.test_size, "test": persona.test_size}
+
+
+@pytest.fixture(scope="module")
 def built(tmp_path_factory, persona):
     """The full default build (150,000 conversations), saved once for the whole module."""
     folder = tmp_path_factory.mktemp("guppy")
@@ -31,9 +37,9 @@ def columns(built):
     return {name: split.select_columns(["input", "output", "topic"])[:] for name, split in built[0].items()}
 
 
-def test_sizes_and_features(built, persona):
+def test_sizes_and_features(built, persona, sizes):
     dataset, _ = built
-    assert {name: len(split) for name, split in dataset.items()} == {"train": 147_000, "test": 3_000}
+    assert {name: len(split) for name, split in dataset.items()} == sizes
     features = dataset["train"].features
     assert features["messages"] == List({"role": Value("string"), "content": Value("string")})
     assert features["input"] == features["output"] == Value("string")
@@ -42,12 +48,12 @@ def test_sizes_and_features(built, persona):
     assert row["messages"] == [{"role": "user", "content": row["input"]}, {"role": "assistant", "content": row["output"]}]
 
 
-def test_topics_all_present_and_shared_by_weight(columns, persona):
+def test_topics_all_present_and_shared_by_weight(columns, persona, sizes):
     """Each topic's share of a split is its weight's (feelings, human_feelings and confusion weigh more), in whole
     numbers: within one of the exact share in each of the two draws (all samples, test) train is the difference of."""
     weights = [persona.specs[topic].weight for topic in persona.topics]
     assert len(set(weights)) > 1  # the pack's shares are unequal, so this checks the weighting
-    for name, total in (("train", 147_000), ("test", 3_000)):
+    for name, total in sizes.items():
         counts = Counter(columns[name]["topic"])
         assert sorted(counts) == list(range(len(persona.topics)))
         assert all(abs(counts[i] - total * weight / sum(weights)) < 2 for i, weight in enumerate(weights))
@@ -91,7 +97,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert (folders[0] / files[2]).read_bytes() != (folders[2] / files[2]).read_bytes()
 
 
-def test_card_metadata_matches_the_data(built, columns, persona):
+def test_card_metadata_matches_the_data(built, columns, persona, sizes):
     dataset, folder = built
     text = (folder / "README.md").read_text()
     meta = yaml.safe_load(text.split("---")[1])
@@ -104,7 +110,7 @@ def test_card_metadata_matches_the_data(built, columns, persona):
         }
     ]
     info = meta["dataset_info"]
-    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 147_000, "test": 3_000}
+    assert {s["name"]: s["num_examples"] for s in info["splits"]} == sizes
     topic = next(f for f in info["features"] if f["name"] == "topic")
     assert list(topic["dtype"]["class_label"]["names"].values()) == persona.topics
     for heading in ("## Persona", "## Topics", "## How it was generated", "## Statistics", "## Limitations"):
