@@ -286,6 +286,8 @@ class Persona:
         sentences = len(re.findall(r"[.!?]+", reply))
         if sentences > self.max_sentences:
             return f"has {sentences} sentences (style.max_sentences is {self.max_sentences})"
+        if not reply[0].isalnum():  # ". i like quiet better.": a tiny model's slip the data never teaches
+            return "does not start with a letter or digit"
         if reply[-1] not in ".!?":
             return "does not end with . ! or ?"
         return None

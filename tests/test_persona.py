@@ -204,6 +204,9 @@ def test_replies_breaking_the_style_stop_the_build(tmp_path):
     pack["topics"][0]["replies"] = ["food is good and i would like a lot more of it now."]
     with pytest.raises(PersonaError, match=r"has 13 words \(style.max_words is 8\)"):
         build_dataset(write(tmp_path, pack))
+    pack["topics"][0]["replies"] = [". food is good."]  # what a tiny model sometimes says first; `guppylm eval` counts it
+    with pytest.raises(PersonaError, match=r"a reply does not start with a letter or digit: '. food is good.'"):
+        build_dataset(write(tmp_path, pack))
 
 
 def test_replies_that_repeat_themselves_are_redrawn(tmp_path):
