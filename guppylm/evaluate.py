@@ -3,9 +3,8 @@
 A reply is on-topic when it contains a word the persona pack lists for the prompt's topic, and in style
 when the model chose to stop (<|im_end|>) and the reply keeps the pack's own style rules (for Guppy: lowercase,
 at most its max words and sentences; every pack: starting with a letter or digit, ending in . ! or ?), never
-longer than 40 words. Scores are given overall
-and per kind of prompt ("paraphrase", "opener", "long", ...), with two failure rates: replies that repeat
-themselves, and replies of a word or two to a long message.
+longer than 40 words. Scores are given overall and per kind of prompt ("paraphrase", "opener", "long", ...), with
+two failure rates: replies that repeat themselves, and replies of a word or two to a long message.
 """
 
 from pathlib import Path
