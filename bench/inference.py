@@ -13,6 +13,7 @@ Batch 16 / 64: replies/s of evaluate.greedy_replies (model.generate, left paddin
   python bench/inference.py --model runs/guppy        # ~5 min on 2 idle cores
 """
 
+import copy
 import math
 import tempfile
 import time
@@ -40,11 +41,11 @@ def onnx_backend(model, path):
     from guppylm.export import OnnxGuppy
 
     runner = OnnxGuppy(path, model.config)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    no_eos = copy.deepcopy(model.generation_config)
+    no_eos.eos_token_id = None  # the reply runs to its length, as min_new_tokens makes PyTorch's
 
     def run(prompt_ids, new_tokens, forced):
-        reply, _ = runner.greedy(prompt_ids[0].tolist(), new_tokens, set() if forced else eos)
+        reply, _ = runner.greedy(prompt_ids[0].tolist(), new_tokens, no_eos if forced else model.generation_config)
         return len(reply)
 
     return run

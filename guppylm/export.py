@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, SuppressTokensAtBeginLogitsProcessor
 from transformers.cache_utils import DynamicCache
 
 from guppylm.export_gpt2 import REPORT_FILE, VERIFY_PROMPTS, gpt2_config, save_report
@@ -178,17 +179,33 @@ class OnnxGuppy:
             rows.append(logits)
         return np.concatenate(rows)
 
-    def greedy(self, prompt_ids, max_new_tokens, eos_token_ids):
-        """Greedy reply ids (ending with EOS if one came), and seconds spent per generated token."""
+    def greedy(self, prompt_ids, max_new_tokens, generation_config):
+        """Greedy reply ids (ending with EOS if one came), and seconds spent per generated token, under the rules
+        generate() applies for `generation_config` (transformers' own processors: no repeated n-gram, no non-word
+        first token)."""
+        rules = reply_rules(generation_config, len(prompt_ids))
+        eos = generation_config.eos_token_id
+        eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         started = time.perf_counter()
         logits, past = self.step(prompt_ids, self.empty_cache())
-        reply = []
+        sequence = torch.tensor([prompt_ids])
         while True:
-            token = int(logits[-1].argmax())
-            reply.append(token)
-            if token in eos_token_ids or len(reply) == max_new_tokens:
+            token = int(rules(sequence, torch.from_numpy(logits[-1:])).argmax())
+            sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+            if token in eos_token_ids or sequence.shape[1] - len(prompt_ids) == max_new_tokens:
+                reply = sequence[0, len(prompt_ids) :].tolist()
                 return reply, (time.perf_counter() - started) / len(reply)
             logits, past = self.step([token], past)
+
+
+def reply_rules(generation_config, prompt_length):
+    """The logits processors generate() applies to a greedy reply for the settings guppylm writes."""
+    rules = LogitsProcessorList()
+    if generation_config.no_repeat_ngram_size:
+        rules.append(NoRepeatNGramLogitsProcessor(generation_config.no_repeat_ngram_size))
+    if generation_config.begin_suppress_tokens:
+        rules.append(SuppressTokensAtBeginLogitsProcessor(generation_config.begin_suppress_tokens, prompt_length))
+    return rules
 
 
 @dataclass
@@ -210,8 +227,6 @@ class Verification:
 def verify(model, tokenizer, folder, file, prompts=VERIFY_PROMPTS, max_new_tokens=None):
     """Compare the ONNX file `folder`/`file` with `model` on `prompts`; whole greedy replies, no sampling."""
     path = Path(folder, file)
-    eos = model.generation_config.eos_token_id
-    eos_token_ids = set(eos if isinstance(eos, list) else [eos])
     onnx_model = OnnxGuppy(path, model.config)
     worst, identical, seconds_per_token = 0.0, 0, []
     for message in prompts:
@@ -224,7 +239,7 @@ def verify(model, tokenizer, folder, file, prompts=VERIFY_PROMPTS, max_new_token
 
         logits = onnx_model.teacher_forced_logits(prompt_ids, expected)
         worst = max(worst, float(abs(torch.from_numpy(logits) - expected_logits).max()))
-        reply, seconds = onnx_model.greedy(prompt_ids, prompt.max_new_tokens, eos_token_ids)
+        reply, seconds = onnx_model.greedy(prompt_ids, prompt.max_new_tokens, model.generation_config)
         identical += reply == expected
         seconds_per_token.append(seconds)
     return Verification(

@@ -140,3 +140,16 @@ def turn_headers(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[in
 def normalize(tokenizer: PreTrainedTokenizerFast, text: str) -> str:
     """The text as the tokenizer sees it; `decode(encode(text))` gives this back when every word is known."""
     return tokenizer.backend_tokenizer.normalizer.normalize_str(text)
+
+
+def suppressed_reply_starts(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Ids of the tokens a reply must not start with: every token that is not a word or a number (special tokens,
+    punctuation, emoji) except <|im_end|>.
+
+    No reply in the data starts with one (the persona's style checks it), but a tiny model that loses track of a
+    long message sometimes does (". i swim all day."), so `guppylm train` writes these ids to generation_config.json
+    as `begin_suppress_tokens`: transformers, transformers.js and the browser page never draw one first.
+    <|im_end|> stays allowed: at the context's last position the model offers nothing else (modeling_guppylm), so a
+    prompt that fills the context gets an empty reply there rather than a failure."""
+    non_words = (i for token, i in tokenizer.get_vocab().items() if not token.lstrip("▁")[:1].isalnum())
+    return sorted(i for i in non_words if i != tokenizer.eos_token_id)

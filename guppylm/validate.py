@@ -296,11 +296,12 @@ GENERATION_FLAGS = (
     "output_attentions", "output_hidden_states", "output_scores", "output_logits",
 )  # fmt: skip
 GENERATION_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")  # eos_token_id may be a list
+GENERATION_ID_LISTS = ("begin_suppress_tokens",)  # train writes the non-word tokens; the browser page honours it too
 
 
 def check_generation_config(generation_config, vocab_size):
     """Raise a ValueError naming the field unless generation_config.json holds only settings guppylm uses, each valid."""
-    known = (*LIMITS, *GENERATION_COUNTS, *GENERATION_FLAGS, *GENERATION_IDS, "transformers_version")
+    known = (*LIMITS, *GENERATION_COUNTS, *GENERATION_FLAGS, *GENERATION_IDS, *GENERATION_ID_LISTS, "transformers_version")
     for name, value in generation_config.items():
         field = f"generation_config.json: {name}"
         if name not in known:
@@ -316,6 +317,13 @@ def check_generation_config(generation_config, vocab_size):
             ids = value if name == "eos_token_id" and isinstance(value, list) and value else [value]
             if _ids_past([(name, i) for i in ids], vocab_size):
                 raise ValueError(f"{field} is {value!r}, not a token id below config.json's vocab_size {vocab_size}")
+        if name in GENERATION_ID_LISTS:
+            if not isinstance(value, list) or len(value) > vocab_size:
+                raise ValueError(f"{field} must be a list of at most {vocab_size} token ids")
+            if past := _ids_past([(name, i) for i in value], vocab_size):
+                raise ValueError(f"{field} holds {past[1]!r}, not a token id below config.json's vocab_size {vocab_size}")
+            if len(set(value)) == vocab_size:  # sampling from nothing fails in generate(), after the prompt is read
+                raise ValueError(f"{field} must leave a token a reply can start with")
 
 
 # --- the chat template ------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from conftest import PARROT_PROMPTS, REPO_ROOT, guppylm_command
 from guppylm import export
 from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
+from guppylm.tokenizer import suppressed_reply_starts
 
 JS_DIR = REPO_ROOT / "tests" / "js"  # package.json + package-lock.json pin @huggingface/transformers
 
@@ -90,6 +91,31 @@ def test_graph_interface_is_dynamic_and_named_like_optimum(exported, parrot_mode
     assert torch.allclose(torch.from_numpy(logits)[real], expected[real], atol=export.FP32_ATOL)
 
 
+def with_biting_rules(model, tokenizer, messages):
+    """`model` under the rules `guppylm train` writes to generation_config.json (no repeated 3-gram, no non-word first
+    token), with the first token of each of `messages`' greedy replies banned as well, since the parrot never starts
+    with a non-word: each reply must then start with its second choice. Returns the banned first tokens."""
+    firsts = [greedy_reply(model, tokenizer, message)[0] for message in messages]
+    model.generation_config.no_repeat_ngram_size = 3
+    model.generation_config.begin_suppress_tokens = sorted({*suppressed_reply_starts(tokenizer), *firsts})
+    return firsts
+
+
+def greedy_reply(model, tokenizer, message):
+    prompt = prompt_for(model, tokenizer, message)
+    with torch.no_grad():
+        return generate(model, prompt, **generation_kwargs(greedy=True))[0, prompt.input_ids.shape[1] :].tolist()
+
+
+def test_verification_applies_the_rules_generate_applies(exported, parrot_model_dir):
+    """The export proves the graph with its own greedy loop; under the model's banned tokens it must still reply as
+    generate() does (transformers' logits processors, not a copy of them)."""
+    out, _ = exported
+    model, tokenizer = load_model(parrot_model_dir)
+    with_biting_rules(model, tokenizer, export.VERIFY_PROMPTS)
+    assert export.verify(model, tokenizer, out, export.FP32_FILE).exact
+
+
 @pytest.mark.slow  # a whole ONNX export
 def test_a_graph_that_differs_from_pytorch_fails_the_export_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     export_graph = export.export_graph
@@ -127,10 +153,14 @@ def node_modules():
 
 @pytest.mark.slow  # npm ci on a fresh checkout
 @pytest.mark.parametrize("dtype", ["fp32", "q8"])
-def test_transformers_js_replies_like_pytorch_from_disk(exported, parrot_model_dir, dtype):
+def test_transformers_js_replies_like_pytorch_from_disk(exported, parrot_model_dir, dtype, tmp_path):
+    """transformers.js reads generation_config.json as transformers does: its banned n-grams and first tokens too."""
     node_modules()
-    out, _ = exported
+    out = tmp_path / "guppy-onnx"
+    shutil.copytree(exported[0], out)
     model, tokenizer = load_model(parrot_model_dir)
+    with_biting_rules(model, tokenizer, PARROT_PROMPTS[::2])
+    model.generation_config.save_pretrained(out)
     max_new_tokens = model.generation_config.max_new_tokens
     result = subprocess.run(
         ["node", "chat.mjs", str(out), dtype, str(max_new_tokens), *PARROT_PROMPTS],
@@ -139,8 +169,7 @@ def test_transformers_js_replies_like_pytorch_from_disk(exported, parrot_model_d
     assert result.returncode == 0, result.stderr[-3000:]
     for message, js in zip(PARROT_PROMPTS, json.loads(result.stdout), strict=True):
         prompt = prompt_for(model, tokenizer, message)
-        with torch.no_grad():
-            expected = generate(model, prompt, **generation_kwargs(greedy=True))[0, prompt.input_ids.shape[1] :].tolist()
+        expected = greedy_reply(model, tokenizer, message)
         assert js["model_type"] == "gpt2" and js["prompt"] == prompt.input_ids[0].tolist()  # same template, same ids
         assert js["ids"] == expected, message  # model.generate: token for token
         # the pipeline, given the chat messages, cuts the decoded prompt off the decoded whole (a leading space stays)

@@ -11,6 +11,7 @@ import torch
 
 from conftest import guppylm_command
 from guppylm.inference import build_prompt, generate, generation_kwargs, load_model, prompt_for, stream_reply
+from guppylm.tokenizer import suppressed_reply_starts
 
 HEAD, TAIL = ["<|im_start|>", "▁user"], ["<|im_end|>", "<|im_start|>", "▁assistant"]
 
@@ -74,6 +75,20 @@ def test_plain_generate_ends_the_reply_at_the_last_position_instead_of_failing(t
     assert (logits[:-1] == torch.finfo(logits.dtype).min).sum().item() == 0  # every other position is untouched
     with pytest.raises(ValueError, match="position 64 is past the model's context of 64 tokens"):
         model(torch.ones(1, context + 1, dtype=torch.long))  # a prompt that cannot fit is refused up front
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_prompt_that_fills_the_context_still_ends_cleanly_under_the_first_token_ban(tiny_model_dir, do_sample):
+    """train bans non-words as a reply's first token; at the context's last position the model offers only
+    <|im_end|>, so that must stay drawable, or generate() would step past the context instead of ending the reply."""
+    model, tokenizer = load_model(tiny_model_dir)
+    model.generation_config.begin_suppress_tokens = suppressed_reply_starts(tokenizer)
+    context = model.config.max_position_embeddings
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": message_of(tokenizer, context)}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert ids["input_ids"].shape[1] == context
+    out = model.generate(**ids, max_new_tokens=48, do_sample=do_sample)
+    assert out[0, context:].tolist() == [tokenizer.eos_token_id]
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=0), dict(temperature=float("inf")), dict(top_p=5), dict(top_k=0),

@@ -237,6 +237,8 @@ DAMAGES = {
     "corrupt-generation-config": (lambda f, m: (f / "generation_config.json").write_text("{"), r"generation_config.json: not valid JSON"),
     "generation-eos-past-vocab": (_edit_json("generation_config.json", eos_token_id=[3, 10**6]), r"generation_config.json: eos_token_id is \[3, 1000000\], not a token id below"),
     "100000-beams": (_edit_json("generation_config.json", num_beams=100_000), r"generation_config.json: num_beams must be a whole number between 1 and 1, not 100000"),
+    "suppressed-past-vocab": (_edit_json("generation_config.json", begin_suppress_tokens=[3, 73]), r"generation_config.json: begin_suppress_tokens holds 73, not a token id below config.json's vocab_size 73"),
+    "every-first-token-suppressed": (_edit_json("generation_config.json", begin_suppress_tokens=list(range(73))), r"generation_config.json: begin_suppress_tokens must leave a token a reply can start with"),
 }  # fmt: skip
 
 

@@ -2,7 +2,10 @@
 
 import pytest
 
-from guppylm.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer, chat_tokenizer, conversation_texts, normalize, turn_headers
+from guppylm.tokenizer import (
+    CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer, chat_tokenizer, conversation_texts, normalize,
+    suppressed_reply_starts, turn_headers,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,13 @@ def test_every_dataset_text_round_trips_exactly(dataset, tokenizer):
     mismatches = [(t, d) for t, d in known if d != normalize(tokenizer, t)]
     assert not mismatches, mismatches[:5]
     assert len(known) > 0.95 * len(texts)
+
+
+def test_a_reply_may_start_with_a_word_a_number_or_the_end_of_the_turn():
+    """What train bans as a reply's first token: the special tokens but <|im_end|>, punctuation, emoji."""
+    tokenizer = build_tokenizer(["hi, i'm guppy! 42 bubbles... 🐟 é?"])
+    banned = {tokenizer.convert_ids_to_tokens(i) for i in suppressed_reply_starts(tokenizer)}
+    assert banned == {*SPECIAL_TOKENS, ",", "!", ".", "▁🐟", "?"} - {IM_END}
 
 
 def test_words_and_symbols_are_separate_tokens_and_decode_naturally(tokenizer):

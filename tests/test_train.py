@@ -47,6 +47,10 @@ def test_output_folder_is_complete_and_holds_nothing_a_hub_repo_should_not(train
     generation = json.loads((trained_tiny_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 3 and generation["do_sample"] is True
     assert generation["no_repeat_ngram_size"] == 3  # replies never repeat a 3-word phrase (bench/repetition.py)
+    vocab = json.loads((trained_tiny_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    first_banned = {token for token, i in vocab.items() if i in generation["begin_suppress_tokens"]}
+    assert {".", "?", "<|im_start|>"} <= first_banned and not any(t.lstrip("▁")[:1].isalnum() for t in first_banned)
+    assert "<|im_end|>" not in first_banned  # a prompt that fills the context still gets its (empty) reply
     card = (trained_tiny_dir / "README.md").read_text()
     assert "library_name: transformers" in card and "model-index" in card and "on-topic" in card
     assert "Guppy is a tiny language model in the voice of one persona: Guppy, a small fish" in card

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from conftest import (
 )
 from guppylm import export, web
 from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
+from guppylm.tokenizer import suppressed_reply_starts
 from guppylm.validate import LIMITS
 
 DEMO = json.loads((REPO_ROOT / "space" / "web" / "demo.json").read_text())
@@ -38,8 +40,9 @@ TRICKY_TEXTS = [
 def served(tmp_path_factory):
     """`guppylm serve-web` for a parrot model on a free loopback port: (page URL, model folder, bundle folder, stdout)."""
     model_dir, bundle = tmp_path_factory.mktemp("parrot"), tmp_path_factory.mktemp("bundle") / "export"
-    model, _ = make_parrot_model(model_dir)
-    model.generation_config.no_repeat_ngram_size = 3  # as guppylm train writes it: the page must honour it too
+    model, tokenizer = make_parrot_model(model_dir)
+    model.generation_config.no_repeat_ngram_size = 3  # as guppylm train writes them: the page must honour them too
+    model.generation_config.begin_suppress_tokens = suppressed_reply_starts(tokenizer)
     model.generation_config.save_pretrained(model_dir)
     port = free_port()
     log = tmp_path_factory.mktemp("serve-web") / "serve-web.log"
@@ -236,6 +239,7 @@ def test_the_page_replies_exactly_like_python(served, chromium):
     url, model_dir, _, _ = served
     model, tokenizer = load_model(model_dir)
     max_new_tokens = model.generation_config.max_new_tokens  # the page's default, as Python's
+    greedy = partial(python_greedy, model, tokenizer, max_new_tokens=max_new_tokens)
     long_message = "the water is warm and nice today. " * 12  # over the prompt budget: cut like Python cuts it
     messages = [*PARROT_PROMPTS[:4], "hi <|im_end|> zebra, how are you?", long_message]
 
@@ -259,9 +263,9 @@ def test_the_page_replies_exactly_like_python(served, chromium):
     # greedy replies from the fp32 graph: token for token what model.generate gives, repeated 3-grams banned
     # (without the ban, the long message's reply would repeat a word)
     assert model.generation_config.no_repeat_ngram_size == 3
-    banned = python_greedy(model, tokenizer, long_message, max_new_tokens)
+    banned = greedy(long_message)
     model.generation_config.no_repeat_ngram_size = None
-    assert python_greedy(model, tokenizer, long_message, max_new_tokens) != banned
+    assert greedy(long_message) != banned
     model.generation_config.no_repeat_ngram_size = 3
     page.get_by_role("button", name=DEMO["buttons"]["settings"]).click()
     page.select_option("#variant", export.FP32_FILE)
@@ -276,9 +280,26 @@ def test_the_page_replies_exactly_like_python(served, chromium):
         bubble = finished.last
         ids = [int(i) for i in bubble.get_attribute("data-ids").split(",")]
         reply = bubble.locator(".text").text_content()
-        assert (ids, reply) == python_greedy(model, tokenizer, message, max_new_tokens), message
+        assert (ids, reply) == greedy(message), message
         speeds.append(float(bubble.get_attribute("data-tokens-per-second")))
     print(f"\nin-browser fp32 greedy: {max(speeds):.0f} tokens/s (best of {len(speeds)} replies)")
+
+    # begin_suppress_tokens as transformers applies it. The parrot never starts with a non-word (train's list), so
+    # here the first token of each reply is banned too: Python and the page must both start with the second choice
+    banned_messages = messages[:3]
+    firsts = [greedy(message)[0][0] for message in banned_messages]  # each reply's first token id
+    suppressed = sorted({*suppressed_reply_starts(tokenizer), *firsts})
+    model.generation_config.begin_suppress_tokens = suppressed
+    page.evaluate("(ids) => { guppy.generation.begin_suppress_tokens = ids; }", suppressed)
+    for count, (message, unsuppressed) in enumerate(zip(banned_messages, firsts), start=len(messages) + 1):
+        page.fill("#message", message)
+        page.press("#message", "Enter")
+        expect(finished).to_have_count(count, timeout=30_000)
+        ids = [int(i) for i in finished.last.get_attribute("data-ids").split(",")]
+        assert ids == greedy(message)[0] and ids[0] != unsuppressed, message
+    model.generation_config.begin_suppress_tokens = suppressed_reply_starts(tokenizer)
+    page.evaluate("(ids) => { guppy.generation.begin_suppress_tokens = ids; }", suppressed_reply_starts(tokenizer))
+    sent = len(messages) + len(banned_messages)
 
     # int8 graph, sampled: a reply streams in and the page is ready again
     page.select_option("#variant", export.INT8_FILE)
@@ -287,7 +308,7 @@ def test_the_page_replies_exactly_like_python(served, chromium):
     page.fill("#temperature", "0.8")
     page.fill("#message", DEMO["examples"][1])
     page.press("#message", "Enter")
-    expect(finished).to_have_count(len(messages) + 1, timeout=30_000)
+    expect(finished).to_have_count(sent + 1, timeout=30_000)
     expect(ready).to_have_count(1)
     page.screenshot(path=ARTIFACTS / "web-desktop-light.png", full_page=True)
     watched.assert_fits_and_stays_local()

@@ -194,6 +194,7 @@ export class Guppy {
       const likeliest = top(own, TOP_CANDIDATES);
       const allowed = Float32Array.from(logits);
       for (const banned of repeating(sequence, this.generation.no_repeat_ngram_size)) allowed[banned] = -Infinity;
+      if (n === 0) for (const banned of this.generation.begin_suppress_tokens ?? []) allowed[banned] = -Infinity;
       const drawnFrom = settled(allowed, settings);
       const id = settings.greedy ? top(drawnFrom, 1)[0] : draw(drawnFrom);
       const candidates = likeliest.map((i) => [i, drawnFrom[i], own[i]]);
