@@ -30,7 +30,7 @@ from guppylm.checkpoints import check_checkpoints, checkpoint_dir, latest_checkp
 from guppylm.data import Conversations, LengthGroupedBatches, checked_conversations, collate, load_conversations, micro_batches
 from guppylm.folders import FolderKind, check_output_folder, writing_folder
 from guppylm.recipe import CHECKPOINT_EVERY, EVAL_EVERY, Recipe, checked
-from guppylm.tokenizer import chat_tokenizer, suppressed_reply_starts, save_tokenizer
+from guppylm.tokenizer import chat_tokenizer, save_tokenizer, suppressed_reply_starts
 
 EVAL_BATCHES, EVAL_BATCH_SIZE = 20, 64  # the periodic test loss reads the first 20 batches of 64 test conversations
 # What `guppylm train` writes into a model folder; training_summary.json says "guppylm wrote this folder".
@@ -394,7 +394,7 @@ def save_model_folder(model, tokenizer, pack, summary, output_dir, overwrite, ru
         top_p=0.9,
         max_new_tokens=48,  # a reply that runs into the context's end stops there with <|im_end|> (the model's forward)
         no_repeat_ngram_size=3,  # no 3-token phrase twice: "i will be here. i will be here." (bench/repetition.py)
-        begin_suppress_tokens=suppressed_reply_starts(tokenizer),  # a reply starts with a word, never "." or an empty reply
+        begin_suppress_tokens=suppressed_reply_starts(tokenizer),  # a reply starts with a word (or ends), never with "."
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

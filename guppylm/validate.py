@@ -296,7 +296,7 @@ GENERATION_FLAGS = (
     "output_attentions", "output_hidden_states", "output_scores", "output_logits",
 )  # fmt: skip
 GENERATION_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")  # eos_token_id may be a list
-GENERATION_ID_LISTS = ("begin_suppress_tokens",)  # train writes the non-word tokens; the browser page honours it too
+GENERATION_ID_LISTS = ("begin_suppress_tokens",)  # train writes tokenizer.suppressed_reply_starts; the page honours it too
 
 
 def check_generation_config(generation_config, vocab_size):

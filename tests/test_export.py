@@ -94,11 +94,10 @@ def test_graph_interface_is_dynamic_and_named_like_optimum(exported, parrot_mode
 def with_biting_rules(model, tokenizer, messages):
     """`model` under the rules `guppylm train` writes to generation_config.json (no repeated 3-gram, no non-word first
     token), with the first token of each of `messages`' greedy replies banned as well, since the parrot never starts
-    with a non-word: each reply must then start with its second choice. Returns the banned first tokens."""
+    with a non-word: each reply must then start with its second choice."""
     firsts = [greedy_reply(model, tokenizer, message)[0] for message in messages]
     model.generation_config.no_repeat_ngram_size = 3
     model.generation_config.begin_suppress_tokens = sorted({*suppressed_reply_starts(tokenizer), *firsts})
-    return firsts
 
 
 def greedy_reply(model, tokenizer, message):
