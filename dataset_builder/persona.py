@@ -3,7 +3,8 @@
 A pack names the character, its style rules and its topics; each topic has user phrasings (`ask`), reply
 templates (`replies`), held-out evaluation prompts (`eval`) and the words that make a reply on-topic (`words`).
 More held-out prompts, each with a kind ("opener", "long", ...), may sit in sibling files named after the pack
-and the split (guppy.natural.yaml). personas/_scaffold.yaml documents every field. Templates are plain text with two kinds of slot, nested freely:
+and the split (guppy.natural.yaml); user messages written by hand, drawn as they are, in guppy.messages.yaml.
+personas/_scaffold.yaml documents every field. Templates are plain text with two kinds of slot, nested freely:
     {pool}     one entry of a named pool (the topic's own `pools` first, then the pack's)
     {a|b|}     one of the inline choices; an empty choice makes the part optional
 """
@@ -242,6 +243,8 @@ class Persona:
     kinds: dict  # kind of held-out prompt -> what it is, for the split files
     split_cases: dict  # split -> [Case] from its split file (guppy.natural.yaml), if there is one
     blind: frozenset  # splits whose prompts tools name only by count until they are scored
+    messages: dict  # topic name -> user messages written by hand (guppy.messages.yaml), drawn as they are
+    message_rate: float  # how often a topic's user turn is one of its messages rather than a phrasing
 
     @property
     def topics(self):
@@ -257,7 +260,8 @@ class Persona:
     def sample(self, topic, rng):
         """One (user input, reply) about `topic`; PersonaError if its replies keep breaking the style rules."""
         pick = lambda templates: expand(rng.choice(templates), rng, topic.pools)
-        user = pick(topic.ask)
+        messages = self.messages.get(topic.name)
+        user = rng.choice(messages) if messages and rng.random() < self.message_rate else pick(topic.ask)
         if self.openers and rng.random() < self.opener_rate:
             user = pick(self.openers) + " " + user
         if self.closers and rng.random() < self.closer_rate:
@@ -302,7 +306,8 @@ class Persona:
 
     @cached_property
     def _user_pattern(self):  # one regex over every phrasing of every topic; compiling it takes a second
-        phrasings = [(self.wrap([Choice(t.ask)]), t.pools) for t in self.specs.values()]
+        phrasings = [(self.wrap([Choice(t.ask + [[m] for m in self.messages.get(t.name, [])])]), t.pools)
+                     for t in self.specs.values()]
         size = sum(pattern_size(parts, pools) for parts, pools in phrasings)
         if size > MAX_PATTERN:
             raise PersonaError(f"{self.source.name}: topics: the user phrasings make a pattern of {size:,} characters to "
@@ -334,16 +339,19 @@ def load_persona(name_or_path):
         raise PersonaError(f"{path.name}: holds more than {MAX_PACK_NODES:,} values (its aliases counted at each use)")
     persona = _validate(data, path.resolve())
     for split in SPLITS:
-        split_file = split_path(persona.source, split)
+        split_file = sibling_path(persona.source, split)
         if split_file.is_file():
             persona.split_cases[split], blind = _load_split_file(persona, split_file)
             persona.blind |= {split} if blind else set()
+    messages_file = sibling_path(persona.source, "messages")
+    if messages_file.is_file():
+        persona.messages, persona.message_rate = _load_messages_file(persona, messages_file)
     return persona
 
 
-def split_path(pack_path, split):
-    """Where a pack's split file lives: guppy.yaml -> guppy.natural.yaml."""
-    return Path(pack_path).with_name(f"{Path(pack_path).stem}.{split}.yaml")
+def sibling_path(pack_path, part):
+    """Where a pack's split file or messages file lives: guppy.yaml -> guppy.natural.yaml, guppy.messages.yaml."""
+    return Path(pack_path).with_name(f"{Path(pack_path).stem}.{part}.yaml")
 
 
 MAX_PACK_BYTES = 10 << 20  # guppy.yaml has about 0.2 MB
@@ -511,7 +519,52 @@ def _validate(data, path):
         kinds=kinds,
         split_cases={},
         blind=frozenset(),
+        messages={},
+        message_rate=0.0,
     )
+
+
+def _read_sibling(path, required, optional):
+    """The mapping in a pack's sibling file (a split or its messages), with `required` keys and no unknown ones."""
+    if path.stat().st_size > MAX_PACK_BYTES:
+        raise PersonaError(f"{path.name}: {path.stat().st_size:,} bytes; a pack's file may hold at most {MAX_PACK_BYTES:,}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict) or required not in data:
+        raise PersonaError(f"{path.name}: {required}: is missing")
+    for key in data:
+        if key not in (required, *optional):
+            expected = ", ".join(sorted((required, *optional)))
+            raise PersonaError(f"{path.name}: {key}: unknown field (expected one of: {expected})")
+    if not isinstance(data[required], list) or not data[required]:
+        raise PersonaError(f"{path.name}: {required}: must be a non-empty list")
+    return data
+
+
+def _load_messages_file(persona, path):
+    """({topic: [message]}, rate) from `messages: [{topic, text}]` and `rate`, topics of `persona`."""
+
+    def fail(field, problem):
+        raise PersonaError(f"{path.name}: {field}: {problem}")
+
+    data = _read_sibling(path, "messages", ("about", "rate"))
+    rate = data.get("rate")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        fail("rate", f"must be a number from 0 to 1 (how often a topic's user turn is one of its messages), not {rate!r}")
+    messages = {}
+    for i, entry in enumerate(data["messages"]):
+        field = f"messages[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"topic", "text"}:
+            fail(field, "must be a mapping with exactly topic and text")
+        if entry["topic"] not in persona.specs:
+            fail(f"{field}.topic", f"{entry['topic']!r} is not a topic of {persona.source.name}")
+        text = entry["text"]
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_EXPANSION:
+            fail(f"{field}.text", f"must be a non-empty string of at most {MAX_EXPANSION:,} characters")
+        messages.setdefault(entry["topic"], []).append(text)
+    return messages, float(rate)
 
 
 def _load_split_file(persona, path):
@@ -520,19 +573,9 @@ def _load_split_file(persona, path):
     def fail(field, problem):
         raise PersonaError(f"{path.name}: {field}: {problem}")
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
-    if not isinstance(data, dict) or "prompts" not in data:
-        fail("prompts", "is missing")
-    for key in data:
-        if key not in ("about", "blind", "prompts"):
-            fail(str(key), "unknown field (expected one of: about, blind, prompts)")
+    data = _read_sibling(path, "prompts", ("about", "blind"))
     if not isinstance(data.get("blind", False), bool):
         fail("blind", "must be true or false")
-    if not isinstance(data["prompts"], list) or not data["prompts"]:
-        fail("prompts", "must be a non-empty list")
     cases = []
     for i, entry in enumerate(data["prompts"]):
         field = f"prompts[{i}]"
@@ -577,6 +620,10 @@ def check_persona(name_or_path, samples_per_topic=100):
         f"conversations {totals[2]:,} (upper bounds: different choices can give the same text)",
         f"{samples_per_topic} sampled conversations per topic follow the style rules",
     ]
+    if persona.messages:
+        written = sum(map(len, persona.messages.values()))
+        lines.append(f"messages written by hand: {written:,} for {len(persona.messages)} topics, each such topic's user "
+                     f"turn for {persona.message_rate:.0%} of its conversations")
     for split in SPLITS:
         cases = persona.eval_cases(split)
         if not cases:

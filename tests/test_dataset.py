@@ -121,6 +121,16 @@ def test_card_metadata_matches_the_data(built, columns, persona, sizes):
     assert f"unique user inputs: {len(set(columns['train']['input'] + columns['test']['input']))}" in text
 
 
+def test_messages_written_by_hand_are_drawn_at_the_packs_rate(built, columns, persona):
+    """guppy.messages.yaml's texts are user turns as written for `rate` of the conversations (those without an
+    opener or closer are equal to one), and the card names the file."""
+    written = {" ".join(text.lower().split()) for texts in persona.messages.values() for text in texts}
+    inputs = [" ".join(text.lower().split()) for text in columns["train"]["input"]]
+    bare = persona.message_rate * (1 - persona.opener_rate) * (1 - persona.closer_rate)
+    assert len(written) > 3000 and 0.8 * bare < sum(map(written.__contains__, inputs)) / len(inputs) < 1.1 * bare
+    assert f"{persona.name}.messages.yaml" in (built[1] / "README.md").read_text()
+
+
 def test_load_dataset_in_a_fresh_process(built, persona):
     _, folder = built
     code = (

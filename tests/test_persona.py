@@ -100,6 +100,42 @@ def test_split_file_errors_name_file_field_and_problem(tmp_path, entry, message)
     assert str(error.value).startswith(message)
 
 
+def messages_pack(tmp_path, messages, rate=0.5):
+    """The minimal pack with user messages written by hand beside it (fish.messages.yaml)."""
+    (tmp_path / "fish.messages.yaml").write_text(yaml.safe_dump({"rate": rate, "messages": messages}), encoding="utf-8")
+    return write(tmp_path, minimal_pack())
+
+
+def test_messages_file_adds_user_turns_written_by_hand(tmp_path):
+    """fish.messages.yaml's texts are drawn as they are (braces too) for `rate` of a topic's user turns, and a
+    held-out prompt equal to one is not held out."""
+    written = ["so uh... got snacks {or not}?", "Feeding time yet, little buddy"]
+    path = messages_pack(tmp_path, [{"topic": "food", "text": text} for text in written], rate=0.5)
+    persona, rng = load_persona(path), random.Random(0)
+    users = Counter(persona.sample(persona.specs["food"], rng)[0] for _ in range(400))
+    drawn = sum(users[text] for text in written)
+    assert users[written[0]] > 50 and users[written[1]] > 50 and 150 < drawn < 250  # half of 400, as rate says
+    assert persona.producible("feeding time yet, little buddy") and not persona.producible("feeding time yet")
+    assert "messages written by hand: 2 for 1 topics" in check_persona(path)
+    assert load_persona(write(tmp_path, minimal_pack(), "plain.yaml")).messages == {}  # the file is optional
+
+
+@pytest.mark.parametrize(
+    "messages, rate, message",
+    [
+        ([{"topic": "cats", "text": "meow?"}], 0.5, "fish.messages.yaml: messages[0].topic: 'cats' is not a topic of fish.yaml"),
+        ([{"topic": "food", "text": ""}], 0.5, "fish.messages.yaml: messages[0].text: must be a non-empty string"),
+        ([{"topic": "food"}], 0.5, "fish.messages.yaml: messages[0]: must be a mapping with exactly topic and text"),
+        ([{"topic": "food", "text": "hi"}], 1.5, "fish.messages.yaml: rate: must be a number from 0 to 1"),
+        ([], 0.5, "fish.messages.yaml: messages: must be a non-empty list"),
+    ],
+)
+def test_messages_file_errors_name_file_field_and_problem(tmp_path, messages, rate, message):
+    with pytest.raises(PersonaError) as error:
+        load_persona(messages_pack(tmp_path, messages, rate))
+    assert str(error.value).startswith(message)
+
+
 def test_kinds_are_validated(tmp_path):
     pack = minimal_pack()
     pack["kinds"] = {"paraphrase": "taken"}
@@ -139,6 +175,30 @@ def test_import_natural_split_counts_and_drops_without_showing(tmp_path):
     natural = load_persona(pack).eval_cases("natural")
     assert [(case.prompt, case.kind) for case in natural] == [("u hungy", "noisy"), ("sup, wet enough?", "opener")]
     assert "natural" in load_persona(pack).blind
+
+
+def test_import_training_messages_drops_held_out_prompts_and_repeats(tmp_path):
+    """bench/import_training_messages.py merges authors' messages in topic order, never one equal to a held-out
+    prompt (so no split is trained on), and keeps the file's comment."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pack = kinded_pack(tmp_path, [{"kind": "noisy", "topic": "food", "prompt": "u hungy"}])
+    (tmp_path / "fish.messages.yaml").write_text("# by two authors\nrate: 0.5\nmessages: [{topic: food, text: x}]\n")
+    authors = []
+    for name, messages in (("a", [("water", "is it wet today"), ("food", "U  hungy")]),  # a natural prompt: dropped
+                           ("b", [("food", "snack o clock?"), ("water", "Is it wet today")])):  # a repeat: dropped
+        authors.append(tmp_path / f"{name}.yaml")
+        authors[-1].write_text(yaml.safe_dump({"messages": [{"topic": t, "kind": "plain", "text": x} for t, x in messages]}))
+    script = Path(__file__).resolve().parents[1] / "bench" / "import_training_messages.py"
+    result = subprocess.run([sys.executable, str(script), *map(str, authors), "--persona", str(pack), "--rate", "0.3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "kept 2, equal to a held-out prompt 1, repeats 1" in result.stdout
+    persona = load_persona(pack)
+    assert persona.messages == {"food": ["snack o clock?"], "water": ["is it wet today"]} and persona.message_rate == 0.3
+    assert (tmp_path / "fish.messages.yaml").read_text().startswith("# by two authors\n")
 
 
 def _set(path, value):
