@@ -178,14 +178,15 @@ def test_import_natural_split_counts_and_drops_without_showing(tmp_path):
 
 
 def test_import_training_messages_drops_held_out_prompts_and_repeats(tmp_path):
-    """bench/import_training_messages.py merges authors' messages in topic order, never one equal to a held-out
-    prompt (so no split is trained on), and keeps the file's comment."""
+    """bench/import_training_messages.py adds authors' messages to the file's, in topic order, never one equal to a
+    held-out prompt (so no split is trained on, even one that became held out later), and keeps the file's comment."""
     import subprocess
     import sys
     from pathlib import Path
 
     pack = kinded_pack(tmp_path, [{"kind": "noisy", "topic": "food", "prompt": "u hungy"}])
-    (tmp_path / "fish.messages.yaml").write_text("# by two authors\nrate: 0.5\nmessages: [{topic: food, text: x}]\n")
+    (tmp_path / "fish.messages.yaml").write_text(
+        "# by two authors\nrate: 0.5\nmessages: [{topic: water, text: x}, {topic: food, text: u hungy}]\n")
     authors = []
     for name, messages in (("a", [("water", "is it wet today"), ("food", "U  hungy")]),  # a natural prompt: dropped
                            ("b", [("food", "snack o clock?"), ("water", "Is it wet today")])):  # a repeat: dropped
@@ -195,9 +196,10 @@ def test_import_training_messages_drops_held_out_prompts_and_repeats(tmp_path):
     result = subprocess.run([sys.executable, str(script), *map(str, authors), "--persona", str(pack), "--rate", "0.3"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "kept 2, equal to a held-out prompt 1, repeats 1" in result.stdout
+    assert "kept 3, equal to a held-out prompt 2, repeats 1" in result.stdout
     persona = load_persona(pack)
-    assert persona.messages == {"food": ["snack o clock?"], "water": ["is it wet today"]} and persona.message_rate == 0.3
+    assert persona.messages == {"food": ["snack o clock?"], "water": ["x", "is it wet today"]}
+    assert persona.message_rate == 0.3
     assert (tmp_path / "fish.messages.yaml").read_text().startswith("# by two authors\n")
 
 
@@ -352,6 +354,17 @@ def test_every_reply_names_a_topic_word(name):
         for _ in range(100):
             reply = persona.sample(topic, rng)[1]
             assert set(WORD.findall(reply.lower())) & topic.words, (topic.name, reply)
+
+
+@pytest.mark.parametrize("name", ["guppy", "bolt"])
+def test_no_reply_is_under_three_words(name):
+    """A reply the data ends after two words ("food! yum.") is one the model learns to end there, and `guppylm eval`
+    counts a reply under 3 words to a long message as one that did not answer it."""
+    persona, rng = load_persona(name), random.Random(0)
+    for topic in persona.specs.values():
+        for _ in range(1000):
+            reply = persona.sample(topic, rng)[1]
+            assert len(reply.split()) >= 3, (topic.name, reply)
 
 
 def test_second_pack_builds_in_its_own_style():
