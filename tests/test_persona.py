@@ -136,6 +136,18 @@ def test_messages_file_errors_name_file_field_and_problem(tmp_path, messages, ra
     assert str(error.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"rate: 0.5\nmessages: [\xff\xfe]\n", "fish.messages.yaml: not UTF-8 text"),
+     (b"rate: 0.5\nmessages: [unclosed\n", "fish.messages.yaml: not valid YAML: while parsing")],
+)
+def test_a_sibling_file_that_does_not_parse_is_named(tmp_path, content, message):
+    (tmp_path / "fish.messages.yaml").write_bytes(content)
+    with pytest.raises(PersonaError) as error:
+        load_persona(write(tmp_path, minimal_pack()))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
 def test_kinds_are_validated(tmp_path):
     pack = minimal_pack()
     pack["kinds"] = {"paraphrase": "taken"}
