@@ -15,7 +15,7 @@ import yaml
 from import_natural_split import authors_parser, normal, write_pack_file
 
 from dataset_builder import load_persona
-from dataset_builder.persona import sibling_path
+from dataset_builder.persona import SPLITS, sibling_path
 
 
 def import_messages(author_files, persona="guppy", rate=None):
@@ -23,7 +23,7 @@ def import_messages(author_files, persona="guppy", rate=None):
 
     Returns (path, Counter(kept=, held_out=, repeat=))."""
     pack = load_persona(persona)
-    held_out = {normal(case.prompt) for split in ("eval", "dev", "natural") for case in pack.eval_cases(split)}
+    held_out = {normal(case.prompt) for split in SPLITS for case in pack.eval_cases(split)}
     output = sibling_path(pack.source, "messages")
     old = output.read_text(encoding="utf-8") if output.is_file() else ""
     seen, kept, counts = set(), [], Counter()
