@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from transformers import GenerationConfig
 
 from guppylm import GuppyConfig, GuppyForCausalLM
+from guppylm.inference import generate, generation_kwargs, prompt_for
 from guppylm.tokenizer import build_tokenizer, save_tokenizer
 
 collect_ignore = ["compat"]  # run under other transformers versions, without guppylm: `make compat`
@@ -197,6 +198,15 @@ def running_server(command, url, log, timeout, env=None):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def greedy_reply(model, tokenizer, message, max_new_tokens=None):
+    """What `guppylm chat --greedy` answers: the reply's token ids (`<|im_end|>` included) and its text."""
+    prompt = prompt_for(model, tokenizer, message, max_new_tokens)
+    with torch.no_grad():
+        output = generate(model, prompt, **generation_kwargs(greedy=True))
+    ids = output[0, prompt.input_ids.shape[1] :].tolist()
+    return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def free_port():

@@ -14,14 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
-import torch
 
 from conftest import (
-    ARTIFACTS, DESKTOP, PARROT_PROMPTS, PHONE, REPO_ROOT, WatchedPage, free_port, guppylm_command, make_parrot_model,
-    running_server,
+    ARTIFACTS, DESKTOP, PARROT_PROMPTS, PHONE, REPO_ROOT, WatchedPage, free_port, greedy_reply, guppylm_command,
+    make_parrot_model, running_server,
 )
 from guppylm import export, web
-from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
+from guppylm.inference import load_model, prompt_for
 from guppylm.tokenizer import suppressed_reply_starts
 from guppylm.validate import LIMITS
 
@@ -132,15 +131,6 @@ def test_a_busy_port_fails_at_once_before_npm_and_export(tmp_path):
     assert time.monotonic() - started < 20 and not (tmp_path / "bundle").exists()  # nothing exported
 
 
-def python_greedy(model, tokenizer, message, max_new_tokens):
-    """What `guppylm chat --greedy` answers: reply ids (EOS included) and the reply text."""
-    prompt = prompt_for(model, tokenizer, message, max_new_tokens)
-    with torch.no_grad():
-        output = generate(model, prompt, **generation_kwargs(greedy=True))
-    ids = output[0, prompt.input_ids.shape[1] :].tolist()
-    return ids, tokenizer.decode(ids, skip_special_tokens=True)
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 def test_a_phone_in_the_dark_downloads_chats_stops_retries_and_looks_inside(served, chromium):
@@ -239,7 +229,7 @@ def test_the_page_replies_exactly_like_python(served, chromium):
     url, model_dir, _, _ = served
     model, tokenizer = load_model(model_dir)
     max_new_tokens = model.generation_config.max_new_tokens  # the page's default, as Python's
-    greedy = partial(python_greedy, model, tokenizer, max_new_tokens=max_new_tokens)
+    greedy = partial(greedy_reply, model, tokenizer, max_new_tokens=max_new_tokens)
     long_message = "the water is warm and nice today. " * 12  # over the prompt budget: cut like Python cuts it
     messages = [*PARROT_PROMPTS[:4], "hi <|im_end|> zebra, how are you?", long_message]
 
