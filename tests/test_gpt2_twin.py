@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from conftest import PARROT_PROMPTS, guppylm_command
+from conftest import PARROT_PROMPTS, greedy_reply, guppylm_command
 from guppylm import export_gpt2
-from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
+from guppylm.inference import load_model
 
 # A program with only transformers: guppylm cannot be imported, nothing is trusted; prints the greedy replies.
 CHAT_WITHOUT_GUPPYLM = r"""
@@ -42,12 +41,7 @@ def twin(parrot_model_dir, tmp_path_factory):
 
 def guppy_replies(model_dir, prompts=PARROT_PROMPTS):
     model, tokenizer = load_model(model_dir)
-    replies = []
-    with torch.no_grad():
-        for message in prompts:
-            prompt = prompt_for(model, tokenizer, message)
-            replies.append(generate(model, prompt, **generation_kwargs(greedy=True))[0, prompt.input_ids.shape[1] :].tolist())
-    return replies
+    return [greedy_reply(model, tokenizer, message)[0] for message in prompts]
 
 
 def chat_without_guppylm(name, env=None):

@@ -10,11 +10,10 @@ import sys
 import urllib.request
 
 import pytest
-import torch
 
-from conftest import PARROT_PROMPTS, free_port, running_server
+from conftest import PARROT_PROMPTS, free_port, greedy_reply, running_server
 from guppylm.export_gpt2 import export_gpt2
-from guppylm.inference import generate, generation_kwargs, load_model, prompt_for
+from guppylm.inference import load_model, prompt_for
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,8 @@ def served(parrot_model_dir, tmp_path_factory):
 
 def guppy_says(model, tokenizer, message):
     """Guppy's greedy reply and the reply room the prompt policy gives it (the server is told the same)."""
-    prompt = prompt_for(model, tokenizer, message)
-    with torch.no_grad():
-        ids = generate(model, prompt, **generation_kwargs(greedy=True))[0, prompt.input_ids.shape[1] :]
-    return tokenizer.decode(ids, skip_special_tokens=True), prompt.max_new_tokens
+    _, text = greedy_reply(model, tokenizer, message)
+    return text, prompt_for(model, tokenizer, message).max_new_tokens
 
 
 def post(url, body):
