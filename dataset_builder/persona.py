@@ -333,20 +333,25 @@ def load_persona(name_or_path):
     if _size(data, MAX_PACK_NODES) > MAX_PACK_NODES:
         raise PersonaError(f"{path.name}: holds more than {MAX_PACK_NODES:,} values (its aliases counted at each use)")
     persona = _validate(data, path.resolve())
+    files = pack_files(persona)
     for split in SPLITS:
-        split_file = sibling_path(persona.source, split)
-        if split_file.is_file():
-            persona.split_cases[split], blind = _load_split_file(persona, split_file)
+        if split in files:
+            persona.split_cases[split], blind = _load_split_file(persona, files[split])
             persona.blind |= {split} if blind else set()
-    messages_file = sibling_path(persona.source, "messages")
-    if messages_file.is_file():
-        persona.messages, persona.message_rate = _load_messages_file(persona, messages_file)
+    if "messages" in files:
+        persona.messages, persona.message_rate = _load_messages_file(persona, files["messages"])
     return persona
 
 
 def sibling_path(pack_path, part):
     """Where a pack's split file or messages file lives: guppy.yaml -> guppy.natural.yaml, guppy.messages.yaml."""
     return Path(pack_path).with_name(f"{Path(pack_path).stem}.{part}.yaml")
+
+
+def pack_files(persona):
+    """The files a pack is made of, by part: None for its .yaml, then each split and messages file it has."""
+    siblings = {part: sibling_path(persona.source, part) for part in (*SPLITS, "messages")}
+    return {None: Path(persona.source), **{part: path for part, path in siblings.items() if path.is_file()}}
 
 
 MAX_PACK_BYTES = 10 << 20  # guppy.yaml has about 0.2 MB

@@ -54,15 +54,16 @@ def load_conversations(dataset=None, persona="guppy", seed=42):
 
 
 def default_dataset(persona, seed):
-    """Folder of the persona's default dataset, built on first use and cached, keyed by the pack, the builder and the
-    seed. A file lock makes concurrent trainings on one HF_HOME build it once, the others wait and read it."""
+    """Folder of the persona's default dataset, built on first use and cached, keyed by the pack (every file of it: an
+    edited messages file is new data), the builder and the seed. A file lock makes concurrent trainings on one HF_HOME build it once, the others wait and read it."""
     import dataset_builder
+    from dataset_builder.persona import pack_files
     from filelock import FileLock
     from huggingface_hub.constants import HF_HOME
 
     pack = dataset_builder.load_persona(persona)
-    recipe = hashlib.sha256(Path(pack.source).read_bytes() + str(seed).encode())
-    for source in sorted(Path(dataset_builder.__file__).parent.glob("*.py")):
+    recipe = hashlib.sha256(str(seed).encode())
+    for source in [*pack_files(pack).values(), *sorted(Path(dataset_builder.__file__).parent.glob("*.py"))]:
         recipe.update(source.read_bytes())
     folder = Path(HF_HOME, "guppylm", "datasets", f"{pack.name}-seed{seed}-{recipe.hexdigest()[:12]}")
     folder.parent.mkdir(parents=True, exist_ok=True)

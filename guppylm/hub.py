@@ -16,7 +16,7 @@ from guppylm.errors import HubError, hub_errors
 
 # A model folder must hold MODEL_REQUIRED (what `load_model` needs); the rest (generation config, model card,
 # loss curve) is published when present.
-MODEL_FILES = ["*.safetensors", "*.json", "*.py", "*.md", "*.png", "*.jinja", "*.txt", "persona.yaml"]  # top level only; never .env
+MODEL_FILES = ["*.safetensors", "*.json", "*.py", "*.md", "*.png", "*.jinja", "*.txt", "persona.yaml", "persona.*.yaml"]  # top level only; never .env
 SPACE_REQUIRED = ["app.py", "README.md", "requirements.txt"]
 # Build and run leftovers kept out of the Space: names at any depth, or paths from the folder's root
 # (web/vendor and web/model are what `guppylm serve-web` generates for the browser page).

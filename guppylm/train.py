@@ -40,7 +40,7 @@ MODEL_FOLDER = FolderKind(
     "training_summary.json",
     ("config.json", "model.safetensors", "*.py", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
      "special_tokens_map.json", "generation_config.json", "README.md", "loss_curve.png", "training_summary.json",
-     "persona.yaml", "checkpoints"),
+     "persona.yaml", "persona.*.yaml", "checkpoints"),
 )
 
 
@@ -382,8 +382,9 @@ def is_shipped(pack):
 
 def save_model_folder(model, tokenizer, pack, summary, output_dir, overwrite, run_eval, run_started):
     """Write everything `from_pretrained` and the Hub need into a staging folder that becomes `output_dir` at the
-    end (folders.writing_folder): weights, config, code, tokenizer, generation defaults, the persona pack when it
-    is not a shipped one, loss curve, evaluation, summary and card."""
+    end (folders.writing_folder): weights, config, code, tokenizer, generation defaults, the persona pack (all its
+    files) when it is not a shipped one, loss curve, evaluation, summary and card."""
+    from dataset_builder.persona import pack_files, sibling_path
     from guppylm.card import write_loss_curve, write_model_card
 
     model = getattr(model, "_orig_mod", model).float()  # undo torch.compile's wrapper; save fp32
@@ -403,7 +404,9 @@ def save_model_folder(model, tokenizer, pack, summary, output_dir, overwrite, ru
         model.save_pretrained(folder)
         save_tokenizer(tokenizer, folder)
         if not is_shipped(pack):  # config.json names the pack; eval and the Space find it here, from any directory
-            shutil.copyfile(pack.source, folder / "persona.yaml")
+            copy = folder / "persona.yaml"  # with its siblings: persona.dev.yaml, persona.messages.yaml, ...
+            for part, path in pack_files(pack).items():
+                shutil.copyfile(path, copy if part is None else sibling_path(copy, part))
         write_loss_curve(summary["history"], folder / "loss_curve.png", summary["eval_loss_name"])
         if run_eval:
             from guppylm.evaluate import evaluate_model

@@ -3,6 +3,7 @@ and accumulation steps (a real 2-process `accelerate launch`); resume; precision
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -408,31 +409,48 @@ def test_an_output_dir_that_is_a_file_fails_before_training(tmp_path):
 # --- a persona pack travels with its model -----------------------------------------------------------------------
 
 
+FERN_DEV = """prompts:
+  - {kind: opener, topic: greetings, prompt: "morning fern, how are the leaves today?"}
+  - {kind: noisy, topic: sunlight, prompt: "u gettin enuf sun ovr there??"}
+"""
+FERN_MESSAGES = """rate: 0.5
+messages:
+  - {topic: sunlight, text: "is the window bright enough for you today"}
+"""
+
+
 def test_a_pack_file_travels_with_its_model(tmp_path, monkeypatch, hub):
-    """`--persona path/to/pack.yaml`: config.json names the pack, the folder carries a copy, `guppylm eval` finds it
-    from any directory, the card speaks of that persona, not of a small fish, and `guppylm push` publishes the
-    folder as it is, pack included, with the card re-rendered for the repo."""
+    """`--persona path/to/pack.yaml`: config.json names the pack, the folder carries a copy of all its files (its
+    split and messages files too), `guppylm eval` finds it and its splits from any directory, the card speaks of
+    that persona, not of a small fish, and `guppylm push` publishes the folder as it is, pack included, with the card
+    re-rendered for the repo."""
     from test_hub import head, run
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))  # the pack's dataset is built there
     pack = scaffold_persona("fern", tmp_path / "packs" / "fern.yaml")
+    (tmp_path / "packs" / "fern.dev.yaml").write_text(FERN_DEV)
+    (tmp_path / "packs" / "fern.messages.yaml").write_text(FERN_MESSAGES)
     out = tmp_path / "fern-model"
     train(output_dir=str(out), persona=str(pack), max_steps=30, **{**QUIET, "run_eval": True})
     config = json.loads((out / "config.json").read_text())
     assert config["persona"] == "fern" and str(tmp_path) not in (out / "config.json").read_text()
     assert (out / "persona.yaml").read_bytes() == pack.read_bytes()
+    assert (out / "persona.dev.yaml").read_text() == FERN_DEV and (out / "persona.messages.yaml").read_text() == FERN_MESSAGES
     card = (out / "README.md").read_text()
     assert "Fern is a tiny language model in the voice of one persona: Fern, a houseplant on a windowsill" in card
     assert "small fish" not in card
 
-    pack.unlink()  # eval must not need the original file, nor the directory it was trained from
+    prompts = {split: load_persona(pack).eval_cases(split) for split in ("eval", "dev")}
+    assert [case.prompt for case in prompts["dev"] if case.kind != "paraphrase"] == [p["prompt"] for p in yaml.safe_load(FERN_DEV)["prompts"]]
+    shutil.rmtree(tmp_path / "packs")  # eval must not need the original files, nor the directory it was trained from
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run(guppylm_command("eval", "--model", out, "--max-new-tokens", "4"), capture_output=True, text=True,
-                            cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"persona fern: {len(load_persona(out / 'persona.yaml').eval_cases())} held-out eval prompts" in result.stdout
+    for split in prompts:
+        result = subprocess.run(guppylm_command("eval", "--model", out, "--split", split, "--max-new-tokens", "4"), capture_output=True,
+                                text=True, cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"persona fern: {len(prompts[split])} held-out {split} prompts" in result.stdout
 
     run(hub, ["-m", "guppylm.cli", "push", "--model", str(out), "--repo-id", "someone/fern"])
     files = head(hub, "model", "someone/fern").files

@@ -164,3 +164,21 @@ def test_two_trainings_building_the_default_dataset_at_once_build_it_once(tmp_pa
     assert len(results) == 1 and results.pop().endswith(" 540 60")  # both read the same folder, complete
     assert sum(log.count("building the fern dataset") for log in logs) == 1
     assert [p.name for p in (tmp_path / "hf" / "guppylm" / "datasets").iterdir() if ".partial" in p.name] == []
+
+
+def test_an_edited_messages_file_is_new_data(tmp_path, monkeypatch):
+    """The cached default dataset is keyed by every file of the pack: a messages file added beside it (or edited)
+    builds a new dataset that draws its messages, instead of reusing the one built without them."""
+    import huggingface_hub.constants
+    from datasets import load_dataset
+    from guppylm.data import default_dataset
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))
+    pack = scaffold_persona("fern", tmp_path / "fern.yaml")
+    message = "is the window bright enough for you today"
+    user_turns = lambda folder: {m["content"] for row in load_dataset(str(folder))["train"]["messages"] for m in row if m["role"] == "user"}
+    before = default_dataset(str(pack), 0)
+    (tmp_path / "fern.messages.yaml").write_text(f'rate: 0.5\nmessages:\n  - {{topic: sunlight, text: "{message}"}}\n')
+    after = default_dataset(str(pack), 0)
+    assert after != before and before.is_dir()
+    assert not any(message in turn for turn in user_turns(before)) and any(message in turn for turn in user_turns(after))
