@@ -54,8 +54,9 @@ def load_conversations(dataset=None, persona="guppy", seed=42):
 
 
 def default_dataset(persona, seed):
-    """Folder of the persona's default dataset, built on first use and cached, keyed by the pack (every file of it: an
-    edited messages file is new data), the builder and the seed. A file lock makes concurrent trainings on one HF_HOME build it once, the others wait and read it."""
+    """Folder of the persona's default dataset, built on first use and cached, keyed by the pack (every file of it:
+    an edited messages file is new data), the builder and the seed. A file lock makes concurrent trainings on one
+    HF_HOME build it once, the others wait and read it."""
     import dataset_builder
     from dataset_builder.persona import pack_files
     from filelock import FileLock
