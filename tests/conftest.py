@@ -58,6 +58,14 @@ def make_tiny_model(path, seed=0, preset="tiny"):
     return model, tokenizer
 
 
+# A messages file for the scaffold pack "fern" (`persona new fern`): one hand-written user turn, drawn for half of
+# the sunlight topic's conversations.
+FERN_MESSAGE = "is the window bright enough for you today"
+FERN_MESSAGES = f"""rate: 0.5
+messages:
+  - {{topic: sunlight, text: "{FERN_MESSAGE}"}}
+"""
+
 PARROT_PROMPTS = ["hi", "how are you?", "is the water warm?", "what is food?", "is the light on?",
                   "what do you watch?", "what's the glass?", "where do you swim?", "who feeds you?", "goodbye!"]
 

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
-from conftest import REPO_ROOT, guppylm_command
+from conftest import FERN_MESSAGES, REPO_ROOT, guppylm_command
 from dataset_builder import build_dataset, load_persona, save_dataset, scaffold_persona
 from guppylm import train as training
 from guppylm.checkpoints import checkpoint_dir
@@ -412,10 +412,6 @@ def test_an_output_dir_that_is_a_file_fails_before_training(tmp_path):
 FERN_DEV = """prompts:
   - {kind: opener, topic: greetings, prompt: "morning fern, how are the leaves today?"}
   - {kind: noisy, topic: sunlight, prompt: "u gettin enuf sun ovr there??"}
-"""
-FERN_MESSAGES = """rate: 0.5
-messages:
-  - {topic: sunlight, text: "is the window bright enough for you today"}
 """
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from datasets import Dataset
 
-from conftest import FISH_LINES, guppylm_command
+from conftest import FERN_MESSAGE, FERN_MESSAGES, FISH_LINES, guppylm_command
 from dataset_builder import build_dataset, save_dataset, scaffold_persona
 from guppylm.data import CHARS_PER_TOKEN, Conversations, DataError, checked_conversations, collate, load_conversations
 from guppylm.tokenizer import build_tokenizer, turn_headers
@@ -175,10 +175,9 @@ def test_an_edited_messages_file_is_new_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))
     pack = scaffold_persona("fern", tmp_path / "fern.yaml")
-    message = "is the window bright enough for you today"
     user_turns = lambda folder: {m["content"] for row in load_dataset(str(folder))["train"]["messages"] for m in row if m["role"] == "user"}
     before = default_dataset(str(pack), 0)
-    (tmp_path / "fern.messages.yaml").write_text(f'rate: 0.5\nmessages:\n  - {{topic: sunlight, text: "{message}"}}\n')
+    (tmp_path / "fern.messages.yaml").write_text(FERN_MESSAGES)
     after = default_dataset(str(pack), 0)
     assert after != before and before.is_dir()
-    assert not any(message in turn for turn in user_turns(before)) and any(message in turn for turn in user_turns(after))
+    assert not any(FERN_MESSAGE in turn for turn in user_turns(before)) and any(FERN_MESSAGE in turn for turn in user_turns(after))
